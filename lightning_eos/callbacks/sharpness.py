@@ -1,0 +1,261 @@
+"""SharpnessMonitor: the top Hessian eigenvalues of the training loss, every N steps."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from lightning_eos.callbacks._measurement_set import (
+    LossFnType,
+    measurement_chunks,
+    silenced_logging,
+    training_step_loss,
+)
+from lightning_eos.curvature import (
+    HessianOperator,
+    HVPMethod,
+    LanczosResult,
+    MeasurementMode,
+    NonFiniteCurvatureError,
+    lanczos,
+    measurement_context,
+)
+from lightning_eos.thresholds import stability_threshold
+
+if TYPE_CHECKING:
+    from lightning.pytorch import Trainer
+
+
+class SharpnessMonitor(Callback):
+    """Measure the sharpness :math:`\\lambda_1(H)` of the training loss every N steps.
+
+    After every ``every_n_steps``-th optimizer step (and before the first one), the
+    monitor computes the top ``top_k`` eigenvalues of the Hessian of the mean training
+    loss over a fixed measurement set, by Lanczos on exact Hessian-vector products,
+    warm-started from the previous measurement. It logs, at ``trainer.global_step``,
+    through every attached logger:
+
+    ========================  ===================================================
+    ``eos/sharpness``         :math:`\\lambda_1(H)`
+    ``eos/eig_2`` ..          :math:`\\lambda_2(H), \\dots, \\lambda_k(H)`
+    ``eos/threshold``         the live optimizer's threshold (e.g. :math:`2/\\eta`)
+    ``eos/sharpness_ratio``   :math:`\\lambda_1(H)` / threshold
+    ``eos/lanczos_iters``     Hessian-vector products spent on the measurement
+    ========================  ===================================================
+
+    The measurement does not change the run: parameters, optimizer state, ``.grad``,
+    BatchNorm buffers and RNG streams are the same with and without the monitor. It
+    runs in float32 with autocast disabled, on the unwrapped LightningModule. In
+    ``mode="train"`` BatchNorm uses batch statistics (the training loss) and dropout is
+    off; see :func:`lightning_eos.curvature.measurement_context`.
+
+    Args:
+        every_n_steps: measure when ``trainer.global_step`` is a multiple of this.
+        top_k: number of top eigenvalues.
+        num_samples: size of the measurement set; ``None`` for the whole training set.
+            A subset is drawn once, deterministically from ``seed``.
+        chunk_size: samples per forward pass in a measurement; ``None`` for the
+            training loader's batch size. Chunks are weighted by their sample count.
+        loss_fn: ``loss_fn(module, batch) -> mean loss``; default: the loss returned by
+            ``training_step`` (with ``self.log`` silenced during measurements).
+        dataloader: measure on this loader's data instead of the training data.
+        threshold: ``"auto"`` reads it from the optimizer (see
+            :func:`~lightning_eos.thresholds.stability_threshold`), a number fixes it,
+            ``None`` logs no threshold.
+        mode: ``"train"`` or ``"eval"`` module mode during measurements.
+        tol: Lanczos stops when every top-``k`` eigenvalue's error estimate is below
+            ``tol`` relative.
+        max_iter: at most this many Hessian-vector products per measurement.
+        hvp_method: ``"double_backward"`` or ``"forward_over_reverse"`` (falls back).
+        measure_at_start: also measure before the first step.
+        seed: seed of the subset and of Lanczos' random start vector.
+
+    Example:
+        >>> monitor = SharpnessMonitor(every_n_steps=10, top_k=2)
+        >>> monitor.state_key
+        "SharpnessMonitor{'every_n_steps': 10, 'top_k': 2}"
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 10,
+        top_k: int = 1,
+        num_samples: int | None = None,
+        chunk_size: int | None = None,
+        loss_fn: LossFnType | None = None,
+        dataloader: DataLoader | None = None,
+        threshold: float | Literal["auto"] | None = "auto",
+        mode: MeasurementMode = "train",
+        tol: float = 1e-3,
+        max_iter: int = 100,
+        hvp_method: HVPMethod = "double_backward",
+        measure_at_start: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps={every_n_steps} must be at least 1.")
+        if top_k < 1:
+            raise ValueError(f"top_k={top_k} must be at least 1.")
+        if num_samples is not None and num_samples < 1:
+            raise ValueError(f"num_samples={num_samples} must be positive or None.")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size={chunk_size} must be positive or None.")
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode={mode!r}; choose 'train' or 'eval'.")
+        if not (threshold is None or threshold == "auto" or isinstance(threshold, (int, float))):
+            raise ValueError(f"threshold={threshold!r}; use 'auto', a number or None.")
+        self.every_n_steps, self.top_k = every_n_steps, top_k
+        self.num_samples, self.chunk_size = num_samples, chunk_size
+        self.loss_fn, self.dataloader, self.threshold = loss_fn, dataloader, threshold
+        self.mode, self.tol, self.max_iter = mode, tol, max_iter
+        self.hvp_method, self.measure_at_start, self.seed = hvp_method, measure_at_start, seed
+        self.history: list[dict[str, float]] = []
+        self._last_step: int | None = None
+        self._warm_start: torch.Tensor | None = None
+        self._chunks: list[Any] | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.every_n_steps, top_k=self.top_k)
+
+    # --- validation -------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.loss_fn is None and not pl_module.automatic_optimization:
+            raise ValueError(
+                f"{type(self).__name__} cannot call training_step under manual optimization; "
+                "pass `loss_fn(module, batch)`."
+            )
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: L.LightningModule) -> None:
+        if self.threshold == "auto":
+            if len(trainer.optimizers) != 1:
+                raise ValueError(
+                    f"threshold='auto' needs exactly one optimizer, found "
+                    f"{len(trainer.optimizers)}; pass a number or None."
+                )
+            stability_threshold(trainer.optimizers[0])  # raises a clear error if unknown
+
+    # --- schedule ---------------------------------------------------------------------
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: L.LightningModule) -> None:
+        if self.measure_at_start:
+            self._maybe_measure(trainer, pl_module)
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self._maybe_measure(trainer, pl_module)
+
+    def _maybe_measure(self, trainer: Trainer, pl_module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps or step == self._last_step:
+            return  # also skips the extra batches of gradient accumulation
+        self._last_step = step
+        metrics = self.measure(trainer, pl_module)
+        if metrics is None:
+            return
+        self.history.append({"step": step, **metrics})
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+
+    # --- measurement ------------------------------------------------------------------
+
+    def _loss_fn(self) -> LossFnType:
+        return self.loss_fn or training_step_loss
+
+    def _measurement_set(self, trainer: Trainer) -> list[Any]:
+        if self._chunks is None:
+            loader = self.dataloader or trainer.train_dataloader
+            if loader is None:
+                raise ValueError(f"{type(self).__name__} found no training data to measure on.")
+            self._chunks = measurement_chunks(loader, self.num_samples, self.chunk_size, self.seed)
+        return self._chunks
+
+    def _threshold_now(self, trainer: Trainer) -> float | None:
+        if self.threshold == "auto":
+            return stability_threshold(trainer.optimizers[0])
+        return None if self.threshold is None else float(self.threshold)
+
+    def _top_eigenpairs(
+        self, trainer: Trainer, pl_module: L.LightningModule
+    ) -> LanczosResult | None:
+        chunks = self._measurement_set(trainer)
+        try:
+            with measurement_context(pl_module, self.mode), silenced_logging(pl_module):
+                operator = HessianOperator(
+                    pl_module,
+                    self._loss_fn(),
+                    chunks,
+                    method=self.hvp_method,
+                    prepare_chunk=trainer.strategy.batch_to_device,
+                )
+                result = lanczos(
+                    operator,
+                    self.top_k,
+                    init=self._warm_start,
+                    tol=self.tol,
+                    max_iter=self.max_iter,
+                    generator=torch.Generator().manual_seed(self.seed),
+                )
+        except NonFiniteCurvatureError as err:
+            rank_zero_warn(
+                f"{type(self).__name__} skipped the measurement at step "
+                f"{trainer.global_step}: {err}"
+            )
+            return None
+        if not torch.isfinite(result.eigenvalues).all():
+            rank_zero_warn(f"Non-finite eigenvalue at step {trainer.global_step}; skipped.")
+            return None
+        if not result.converged:
+            rank_zero_warn(
+                f"Lanczos did not reach tol={self.tol} in {self.max_iter} products at step "
+                f"{trainer.global_step}; logging the best estimate."
+            )
+        self._warm_start = result.restart_vectors.detach()
+        return result
+
+    def measure(self, trainer: Trainer, pl_module: L.LightningModule) -> dict[str, float] | None:
+        """Measure now and return the metrics (``None`` if the measurement was skipped)."""
+        result = self._top_eigenpairs(trainer, pl_module)
+        if result is None:
+            return None
+        eigenvalues = result.eigenvalues.tolist()
+        metrics = {"eos/sharpness": eigenvalues[0]}
+        metrics.update({f"eos/eig_{i}": v for i, v in enumerate(eigenvalues[1:], start=2)})
+        threshold = self._threshold_now(trainer)
+        if threshold is not None:
+            metrics["eos/threshold"] = threshold
+            metrics["eos/sharpness_ratio"] = eigenvalues[0] / threshold
+        metrics["eos/lanczos_iters"] = float(result.num_iterations)
+        return metrics
+
+    # --- persistence ------------------------------------------------------------------
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        warm = None if self._warm_start is None else self._warm_start.detach().cpu()
+        return {"last_step": self._last_step, "warm_start": warm, "history": list(self.history)}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = state_dict.get("last_step")
+        self._warm_start = state_dict.get("warm_start")
+        self.history = list(state_dict.get("history", []))

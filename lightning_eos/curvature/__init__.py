@@ -1,0 +1,42 @@
+"""Curvature of a loss, in plain torch: no Lightning import anywhere below this package.
+
+Hessian-vector products
+    :class:`HessianOperator` -- mean loss over chunks, weighted by sample count.
+Eigensolvers
+    :func:`lanczos`, :class:`LanczosResult` -- top-k with warm start and residual stop.
+Measurement hygiene
+    :func:`measurement_context` -- buffers, modes and RNG restored after a measurement.
+Batches
+    :func:`rechunk`, :func:`batch_size`.
+"""
+
+from lightning_eos.curvature._batches import batch_size, rechunk
+from lightning_eos.curvature.context import MeasurementMode, measurement_context
+from lightning_eos.curvature.hessian import (
+    HessianOperator,
+    HVPMethod,
+    LossFn,
+    NonFiniteCurvatureError,
+    flatten,
+    unflatten,
+)
+from lightning_eos.curvature.lanczos import LanczosResult, lanczos
+
+__all__ = [
+    # Hessian-vector products
+    "HessianOperator",
+    "HVPMethod",
+    "LossFn",
+    "NonFiniteCurvatureError",
+    "flatten",
+    "unflatten",
+    # eigensolvers
+    "LanczosResult",
+    "lanczos",
+    # measurement hygiene
+    "MeasurementMode",
+    "measurement_context",
+    # batches
+    "batch_size",
+    "rechunk",
+]

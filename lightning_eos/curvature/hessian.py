@@ -1,0 +1,256 @@
+"""Hessian-vector products of the mean training loss over a fixed measurement set.
+
+The measurement set is a list of chunks (batches) with sample counts :math:`n_c`,
+:math:`N = \\sum_c n_c`. If ``loss_fn`` returns the *mean* loss :math:`L_c` of a chunk,
+the mean loss over the set and its Hessian are
+
+.. math::
+
+    L(\\theta) = \\sum_c \\frac{n_c}{N} L_c(\\theta), \\qquad
+    H v = \\sum_c \\frac{n_c}{N} \\nabla^2 L_c(\\theta)\\, v ,
+
+so a short last chunk gets its true weight instead of a full chunk's. Only one chunk's
+graph lives at a time, so memory is bounded by one chunk. When the whole set is one
+chunk, the first-order graph :math:`\\nabla L` is built once and every product is one
+extra backward pass through it (``reuse_graph``).
+
+Two ways to compute :math:`Hv`:
+
+* ``"double_backward"`` (reverse-over-reverse): :math:`\\nabla_\\theta (\\nabla L \\cdot v)`;
+  works for every model with twice-differentiable ops.
+* ``"forward_over_reverse"``: ``torch.func.jvp`` of ``torch.func.grad``. Some models
+  make it raise (torch 2.14 with tanh + MSE: "ZeroTensors are immutable"); the operator
+  then warns once and falls back to double backward for good.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_eos.curvature._batches import batch_size
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+HVPMethod = Literal["double_backward", "forward_over_reverse"]
+
+
+class NonFiniteCurvatureError(FloatingPointError):
+    """A loss, gradient or Hessian-vector product in a measurement was NaN or infinite."""
+
+
+def flatten(tensors: Sequence[Tensor]) -> Tensor:
+    """Concatenate tensors into one flat vector."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflatten(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """Split a flat vector into views shaped like ``like``."""
+    return [
+        v.view_as(t) for v, t in zip(vector.split([t.numel() for t in like]), like, strict=True)
+    ]
+
+
+class _LossModule(nn.Module):
+    """Holds ``model`` as a submodule so ``functional_call`` can swap its parameters."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+class HessianOperator:
+    """The Hessian of the mean loss over fixed chunks, as a symmetric matvec on flat vectors.
+
+    Args:
+        model: the module whose parameters are differentiated.
+        loss_fn: ``loss_fn(model, chunk)`` returns the mean loss of the chunk (a scalar).
+        chunks: the measurement set, already split into chunks.
+        params: the parameters to differentiate; default: all with ``requires_grad``.
+        method: how to compute the product (see the module docstring).
+        reuse_graph: build :math:`\\nabla L` once and reuse it for every product. Default:
+            when there is exactly one chunk.
+        prepare_chunk: applied to each chunk before ``loss_fn`` (e.g. a device move).
+        num_samples_fn: the number of samples of a chunk (default: leading dimension of
+            its first tensor).
+
+    The loss is evaluated in float32 semantics with autocast disabled, whatever the
+    ambient precision context.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+        >>> x, y = torch.randn(7, 3).double(), torch.randn(7, 1).double()
+        >>> mse = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()
+        >>> chunks = [(x[:4], y[:4]), (x[4:], y[4:])]  # uneven chunks
+        >>> op = HessianOperator(model, mse, chunks)
+        >>> params = tuple(model.parameters())
+        >>> def full_loss(*p):
+        ...     names = [n for n, _ in model.named_parameters()]
+        ...     out = torch.func.functional_call(model, dict(zip(names, p)), (x,))
+        ...     return ((out - y) ** 2).mean()
+        >>> blocks = torch.autograd.functional.hessian(full_loss, params)
+        >>> dense = torch.cat([torch.cat([b.reshape(p.numel(), q.numel())
+        ...     for b, q in zip(row, params)], 1) for row, p in zip(blocks, params)])
+        >>> v = torch.randn(op.dim, dtype=torch.float64)
+        >>> torch.allclose(op.matvec(v), dense @ v)
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        chunks: Sequence[Any],
+        *,
+        params: Sequence[Tensor] | None = None,
+        method: HVPMethod = "double_backward",
+        reuse_graph: bool | None = None,
+        prepare_chunk: Callable[[Any], Any] | None = None,
+        num_samples_fn: Callable[[Any], int] = batch_size,
+    ) -> None:
+        if not chunks:
+            raise ValueError("The measurement set has no chunks.")
+        if method not in ("double_backward", "forward_over_reverse"):
+            raise ValueError(
+                f"method={method!r}; choose 'double_backward' or 'forward_over_reverse'."
+            )
+        self.model = model
+        self.loss_fn = loss_fn
+        self.chunks = list(chunks)
+        self.params = list(params) if params is not None else [
+            p for p in model.parameters() if p.requires_grad
+        ]
+        self.method: HVPMethod = method
+        self.reuse_graph = len(self.chunks) == 1 if reuse_graph is None else reuse_graph
+        self._prepare = prepare_chunk or (lambda chunk: chunk)
+        counts = [num_samples_fn(c) for c in self.chunks]
+        total = sum(counts)
+        self.num_samples = total
+        self.weights = [n / total for n in counts]
+        self.num_matvecs = 0
+        self._graphs: list[tuple[Tensor, list[Tensor]]] | None = None
+        self._loss: float | None = None
+
+    @property
+    def dim(self) -> int:
+        """Number of parameters, the side of the Hessian."""
+        return sum(p.numel() for p in self.params)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype, which products are returned in."""
+        return self.params[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The parameters' device."""
+        return self.params[0].device
+
+    def _no_autocast(self) -> Any:
+        if self.device.type in ("cpu", "cuda", "xpu", "mps"):
+            return torch.autocast(self.device.type, enabled=False)
+        return nullcontext()
+
+    def _chunk_loss(self, chunk: Any) -> Tensor:
+        with self._no_autocast():
+            loss = self.loss_fn(self.model, self._prepare(chunk))
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            raise TypeError("loss_fn must return a scalar tensor (the mean loss of the chunk).")
+        if not torch.isfinite(loss):
+            raise NonFiniteCurvatureError(f"The measurement loss is {loss.item()}.")
+        return loss
+
+    def _first_order(self, chunk: Any) -> tuple[Tensor, list[Tensor]]:
+        with torch.enable_grad():
+            loss = self._chunk_loss(chunk)
+            grads = torch.autograd.grad(loss, self.params, create_graph=True)
+        return loss.detach(), list(grads)
+
+    def _graphs_or_none(self) -> list[tuple[Tensor, list[Tensor]]] | None:
+        if self.reuse_graph and self._graphs is None:
+            self._graphs = [self._first_order(c) for c in self.chunks]
+        return self._graphs
+
+    def loss(self) -> float:
+        """The mean loss over the measurement set."""
+        if self._loss is None:
+            graphs = self._graphs_or_none()
+            if graphs is not None:
+                losses = [g[0] for g in graphs]
+            else:
+                with torch.no_grad():
+                    losses = [self._chunk_loss(c) for c in self.chunks]
+            self._loss = float(sum(w * l.double() for w, l in zip(self.weights, losses)))
+        return self._loss
+
+    def gradient(self) -> Tensor:
+        """The flat gradient :math:`\\nabla L` of the mean loss over the measurement set."""
+        graphs = self._graphs_or_none()
+        total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        for i, chunk in enumerate(self.chunks):
+            if graphs is not None:
+                grads = [g.detach() for g in graphs[i][1]]
+            else:
+                with torch.enable_grad():
+                    grads = torch.autograd.grad(self._chunk_loss(chunk), self.params)
+            total.add_(flatten(grads), alpha=self.weights[i])
+        return total
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """:math:`Hv` for a flat vector ``v`` of length :attr:`dim`."""
+        if v.shape != (self.dim,):
+            raise ValueError(f"Expected a vector of shape ({self.dim},), got {tuple(v.shape)}.")
+        v = v.to(dtype=self.dtype, device=self.device)
+        tangents = unflatten(v, self.params)
+        total = torch.zeros_like(v)
+        for i, chunk in enumerate(self.chunks):
+            total.add_(self._chunk_hvp(i, chunk, tangents), alpha=self.weights[i])
+        self.num_matvecs += 1
+        if not torch.isfinite(total).all():
+            raise NonFiniteCurvatureError("A Hessian-vector product is not finite.")
+        return total
+
+    __call__ = matvec
+
+    def _chunk_hvp(self, i: int, chunk: Any, tangents: list[Tensor]) -> Tensor:
+        if self.method == "forward_over_reverse":
+            try:
+                return self._forward_over_reverse(chunk, tangents)
+            except RuntimeError as err:
+                warnings.warn(
+                    f"Forward-over-reverse HVP failed ({err}); falling back to double "
+                    "backward for this operator.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self.method = "double_backward"
+        graphs = self._graphs_or_none()
+        grads = graphs[i][1] if graphs is not None else self._first_order(chunk)[1]
+        hvp = torch.autograd.grad(
+            grads, self.params, grad_outputs=tangents, retain_graph=graphs is not None
+        )
+        return flatten(hvp)
+
+    def _forward_over_reverse(self, chunk: Any, tangents: list[Tensor]) -> Tensor:
+        wrapper = _LossModule(self.model, self.loss_fn)
+        names = {id(p): n for n, p in wrapper.named_parameters()}
+        keys = [names[id(p)] for p in self.params]
+        batch = self._prepare(chunk)
+
+        def loss_of(primals: dict[str, Tensor]) -> Tensor:
+            with self._no_autocast():
+                return torch.func.functional_call(wrapper, primals, (batch,), strict=False)
+
+        primals = {k: p.detach() for k, p in zip(keys, self.params)}
+        tangent = dict(zip(keys, tangents))
+        _, hvp = torch.func.jvp(torch.func.grad(loss_of), (primals,), (tangent,))
+        return flatten([hvp[k] for k in keys])

@@ -1,0 +1,206 @@
+"""Lanczos for the largest algebraic eigenpairs of a symmetric operator, in plain torch.
+
+After :math:`m` steps from a unit vector :math:`q_1`, Lanczos has an orthonormal basis
+:math:`Q_m` of the Krylov space :math:`\\mathcal K_m(A, q_1)` and a tridiagonal
+:math:`T_m = Q_m^\\top A Q_m` with :math:`A Q_m = Q_m T_m + \\beta_{m+1} q_{m+1} e_m^\\top`.
+An eigenpair :math:`T_m s = \\theta s` gives the Ritz pair :math:`(\\theta, y = Q_m s)`
+whose residual is known without another product:
+
+.. math::
+
+    \\lVert A y - \\theta y \\rVert = \\beta_{m+1} \\lvert s_m \\rvert .
+
+Some eigenvalue lies within the residual of :math:`\\theta` (Bauer-Fike), and within
+:math:`r^2/\\delta` when the rest of the spectrum is at distance :math:`\\delta`
+(Kato-Temple). The stop rule uses the estimate
+:math:`\\min(r, r^2/\\delta)` with :math:`\\delta` the distance to the nearest other Ritz
+value (only :math:`r` after one step), relative to :math:`|\\theta|`. It never stops on
+the change of the estimate between steps.
+
+Full reorthogonalization (classical Gram-Schmidt, twice) keeps :math:`Q_m` orthonormal,
+so no ghost copies of converged eigenvalues appear. The ordering is by algebraic value:
+a large negative eigenvalue is never reported as the top one.
+
+Warm start: ``init`` holds earlier Ritz vectors; the start vector is their normalized
+sum, so :math:`\\mathcal K_m` contains all their directions within a few steps. Pass
+``restart_vectors`` of the previous result (the top ``k + restart_extra``), not just the
+top ``k``: at the edge of stability the top eigenvalues cross between measurements. A random
+start uses the given ``generator`` (a CPU generator), never the global RNG.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_eos.curvature.hessian import NonFiniteCurvatureError
+
+MatVec = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class LanczosResult:
+    """Top-k Ritz pairs, in descending order of eigenvalue.
+
+    Attributes:
+        eigenvalues: ``(k,)`` Ritz values, largest first.
+        eigenvectors: ``(k, n)`` unit Ritz vectors, row ``i`` for ``eigenvalues[i]``.
+        residuals: ``(k,)`` residual norms :math:`\\lVert Ay - \\theta y\\rVert`.
+        error_estimates: ``(k,)`` the stop rule's estimate of :math:`|\\lambda - \\theta|`.
+        num_iterations: Lanczos steps taken, which is the number of matvecs.
+        converged: whether every estimate met ``tol * |theta|``.
+        restart_vectors: ``(j, n)`` the top ``k + restart_extra`` Ritz vectors (fewer if
+            fewer steps were taken), to warm-start the next call with ``init``.
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    residuals: Tensor
+    error_estimates: Tensor
+    num_iterations: int
+    converged: bool
+    restart_vectors: Tensor
+
+
+def _orthogonalize(w: Tensor, basis: Tensor) -> Tensor:
+    for _ in range(2):  # "twice is enough" (Kahan, Parlett)
+        w = w - basis.T @ (basis @ w)
+    return w
+
+
+def _random_unit(n: int, generator: torch.Generator, like: Tensor) -> Tensor:
+    v = torch.randn(n, generator=generator, dtype=torch.float64)
+    return (v / v.norm()).to(dtype=like.dtype, device=like.device)
+
+
+def lanczos(
+    operator: MatVec | Tensor,
+    k: int = 1,
+    *,
+    dim: int | None = None,
+    init: Tensor | None = None,
+    tol: float = 1e-4,
+    max_iter: int = 100,
+    restart_extra: int = 2,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> LanczosResult:
+    """Largest-algebraic ``k`` eigenpairs of a symmetric operator.
+
+    Args:
+        operator: a symmetric matrix, or a callable ``v -> A v`` on flat vectors.
+        k: how many eigenpairs to return.
+        dim: the operator's side; taken from the matrix, ``init`` or ``operator.dim``.
+        init: warm start, ``(n,)`` or ``(j, n)`` earlier eigenvectors.
+        tol: stop when every top-``k`` error estimate is at most ``tol * |theta|``.
+        max_iter: at most this many matvecs.
+        restart_extra: how many Ritz vectors beyond the top ``k`` to return in
+            ``restart_vectors``. Warm-starting from a few more directions than ``k``
+            protects against eigenvalue crossings, where the previous top eigenvector
+            has become the second one and a single-vector warm start would converge to
+            the wrong eigenvalue.
+        generator: CPU generator for the random start (default: seeded with 0).
+        dtype: working dtype of the basis (default: the matrix's, ``init``'s,
+            ``operator.dtype`` or float32).
+        device: working device (same defaults as ``dtype``).
+
+    Returns:
+        A :class:`LanczosResult`.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> a = torch.randn(50, 50, generator=g, dtype=torch.float64)
+        >>> a = a + a.T
+        >>> res = lanczos(a, k=3, tol=1e-10)
+        >>> torch.allclose(res.eigenvalues, torch.linalg.eigvalsh(a).flip(0)[:3])
+        True
+    """
+    if isinstance(operator, Tensor):
+        matrix = operator
+        matvec: MatVec = lambda v: matrix @ v  # noqa: E731
+        dim = matrix.shape[0] if dim is None else dim
+        dtype, device = dtype or matrix.dtype, device or matrix.device
+    else:
+        matvec = operator
+        dim = dim if dim is not None else getattr(operator, "dim", None)
+        dtype = dtype or (init.dtype if init is not None else getattr(operator, "dtype", None))
+        device = device or (init.device if init is not None else getattr(operator, "device", None))
+    if dim is None and init is not None:
+        dim = init.shape[-1]
+    if dim is None:
+        raise ValueError("Cannot infer the operator's dimension; pass `dim`.")
+    if not 1 <= k <= dim:
+        raise ValueError(f"k={k} must be between 1 and the dimension {dim}.")
+    dtype, device = dtype or torch.float32, torch.device(device or "cpu")
+    max_iter = min(max(max_iter, k), dim)
+    generator = generator or torch.Generator().manual_seed(0)
+    like = torch.empty(0, dtype=dtype, device=device)
+
+    start = None
+    if init is not None:
+        start = init.reshape(-1, dim).to(dtype=dtype, device=device).sum(0)
+        norm = start.norm()
+        start = start / norm if torch.isfinite(norm) and norm > 0 else None
+    q = start if start is not None else _random_unit(dim, generator, like)
+
+    basis = torch.empty(min(max_iter, 16), dim, dtype=dtype, device=device)
+    alphas: list[float] = []
+    betas: list[float] = []  # betas[j] couples q_j and q_{j+1}
+    for m in range(1, max_iter + 1):
+        if m > basis.shape[0]:
+            grown = torch.empty(min(2 * basis.shape[0], max_iter), dim, dtype=dtype, device=device)
+            grown[: m - 1] = basis[: m - 1]
+            basis = grown
+        basis[m - 1] = q
+        w = matvec(q).to(dtype=dtype, device=device)
+        if not torch.isfinite(w).all():
+            raise NonFiniteCurvatureError("The operator returned a non-finite product.")
+        alpha = float(q @ w)
+        alphas.append(alpha)
+        w = _orthogonalize(w, basis[:m])
+        beta = float(w.norm())
+
+        t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if betas:
+            off = torch.tensor(betas, dtype=torch.float64)
+            t = t + torch.diag(off, 1) + torch.diag(off, -1)
+        theta, s = torch.linalg.eigh(t)
+        theta, s = theta.flip(0), s.flip(1)  # descending
+        residuals = beta * s[-1].abs()
+        if m > 1:
+            # distance to the interval where the other Ritz values' eigenvalues may lie
+            gaps = (theta[:, None] - theta[None, :]).abs() - residuals[None, :]
+            gaps.fill_diagonal_(float("inf"))
+            gap = gaps.min(1).values.clamp_min(0.0)
+            errors = torch.minimum(residuals, residuals**2 / gap)
+        else:
+            errors = residuals.clone()
+        scale = theta.abs().clamp_min(torch.finfo(dtype).eps * max(theta.abs().max().item(), 1e-30))
+        done = m >= k and bool((errors[:k] <= tol * scale[:k]).all())
+        if done or m == max_iter:
+            break
+
+        breakdown = beta <= 10 * torch.finfo(dtype).eps * max(abs(a) for a in alphas)
+        if breakdown:  # invariant subspace: continue in a fresh orthogonal direction
+            q = _orthogonalize(_random_unit(dim, generator, like), basis[:m])
+            q = q / q.norm()
+            betas.append(0.0)
+        else:
+            q = w / beta
+            betas.append(beta)
+
+    top = min(k, m)
+    ritz = s[:, : min(k + restart_extra, m)].T.to(dtype=dtype, device=device) @ basis[:m]
+    return LanczosResult(
+        eigenvalues=theta[:top].to(dtype=dtype, device=device),
+        eigenvectors=ritz[:top],
+        residuals=residuals[:top],
+        error_estimates=errors[:top],
+        num_iterations=m,
+        converged=done,
+        restart_vectors=ritz,
+    )

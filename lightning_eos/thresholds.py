@@ -1,0 +1,199 @@
+"""Stability thresholds on the top Hessian eigenvalue, one function per formula.
+
+On a quadratic :math:`\\tfrac12\\lambda\\theta^2` each method is a linear recursion;
+the threshold is the :math:`\\lambda` at which a root of its characteristic polynomial
+leaves the unit circle through :math:`-1` (paper 002, App. A; paper 001, eq. 1;
+paper 004, Thm. 2). With learning rate :math:`\\eta` and momentum :math:`\\beta`:
+
+* GD, :math:`\\theta_{t+1} = \\theta_t - \\eta g_t`: :math:`z = 1 - \\eta\\lambda`, so
+  :math:`\\lambda < 2/\\eta`.
+* heavy ball, :math:`\\theta_{t+1} = \\theta_t - \\eta g_t + \\beta(\\theta_t-\\theta_{t-1})`:
+  :math:`z^2 - (1+\\beta-\\eta\\lambda)z + \\beta`; at :math:`z=-1`,
+  :math:`\\lambda = (2+2\\beta)/\\eta`.
+* Nesterov, gradient at :math:`\\theta_t + \\beta(\\theta_t-\\theta_{t-1})`:
+  :math:`z^2 - (1+\\beta)(1-\\eta\\lambda)z + \\beta(1-\\eta\\lambda)`; at :math:`z=-1`,
+  :math:`\\lambda = (2+2\\beta)/((1+2\\beta)\\eta)`.
+* EMA forms (:math:`m_t = \\beta m_{t-1} + (1-\\beta) g_t`) are the above with
+  learning rate :math:`(1-\\beta)\\eta`.
+* generalized momentum of paper 004,
+  :math:`\\delta_t = \\beta_1\\delta_{t-1} - \\eta\\nabla L(\\theta_t + \\beta_2\\delta_{t-1})`:
+  :math:`\\lambda = (2/\\eta)(1+\\beta_1)/(1+2\\beta_2)` (heavy ball at
+  :math:`\\beta_2 = 0`, Nesterov at :math:`\\beta_2=\\beta_1`).
+* SAM: paper 003, Prop. 2; the IAS edge of SGD: paper 004, eq. 17.
+
+:func:`stability_threshold` reads a live optimizer and returns the threshold that
+applies to :math:`\\lambda_1(H)` of the *unregularized* loss.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+__all__ = [
+    "UnsupportedOptimizerError",
+    "ema_heavy_ball_threshold",
+    "ema_nesterov_threshold",
+    "gd_threshold",
+    "generalized_momentum_threshold",
+    "heavy_ball_threshold",
+    "ias_threshold",
+    "nesterov_threshold",
+    "sam_edge",
+    "stability_threshold",
+]
+
+
+class UnsupportedOptimizerError(TypeError):
+    """The optimizer has no known stability threshold."""
+
+
+def _check_lr(lr: float) -> None:
+    if not lr > 0:
+        raise ValueError(f"The learning rate must be positive, got {lr}.")
+
+
+def gd_threshold(lr: float) -> float:
+    """Gradient descent: :math:`2/\\eta`.
+
+    >>> gd_threshold(0.01)
+    200.0
+    """
+    _check_lr(lr)
+    return 2.0 / lr
+
+
+def heavy_ball_threshold(lr: float, beta: float) -> float:
+    """Standard (Polyak) heavy ball, torch SGD momentum: :math:`(2+2\\beta)/\\eta`.
+
+    Paper 001, eq. 1 (its maximum stable sharpness); paper 002, App. A.
+
+    >>> heavy_ball_threshold(0.1, 0.9)
+    38.0
+    """
+    _check_lr(lr)
+    return (2.0 + 2.0 * beta) / lr
+
+
+def ema_heavy_ball_threshold(lr: float, beta: float) -> float:
+    """EMA heavy ball (:math:`m = \\beta m + (1-\\beta) g`): :math:`(2+2\\beta)/((1-\\beta)\\eta)`.
+
+    Paper 002, App. A; this is Adam's 38/η at :math:`\\beta_1 = 0.9`.
+
+    >>> round(ema_heavy_ball_threshold(1.0, 0.9), 6)
+    38.0
+    """
+    _check_lr(lr)
+    return (2.0 + 2.0 * beta) / ((1.0 - beta) * lr)
+
+
+def nesterov_threshold(lr: float, beta: float) -> float:
+    """Standard Nesterov momentum: :math:`(2+2\\beta)/((1+2\\beta)\\eta)`. Paper 002, App. A.
+
+    >>> round(nesterov_threshold(1.0, 0.9), 6)
+    1.357143
+    """
+    _check_lr(lr)
+    return (2.0 + 2.0 * beta) / ((1.0 + 2.0 * beta) * lr)
+
+
+def ema_nesterov_threshold(lr: float, beta: float) -> float:
+    """EMA Nesterov: :math:`(2+2\\beta)/((1-\\beta)(1+2\\beta)\\eta)`. Paper 002, App. A."""
+    _check_lr(lr)
+    return (2.0 + 2.0 * beta) / ((1.0 - beta) * (1.0 + 2.0 * beta) * lr)
+
+
+def generalized_momentum_threshold(lr: float, beta1: float, beta2: float) -> float:
+    """Generalized momentum of paper 004 (Thm. 2): :math:`(2/\\eta)(1+\\beta_1)/(1+2\\beta_2)`.
+
+    >>> generalized_momentum_threshold(0.1, 0.9, 0.0) == heavy_ball_threshold(0.1, 0.9)
+    True
+    """
+    _check_lr(lr)
+    return (2.0 / lr) * (1.0 + beta1) / (1.0 + 2.0 * beta2)
+
+
+def sam_edge(lr: float, rho: float, grad_norm: float) -> float:
+    """SAM's edge, paper 003, Prop. 2: :math:`\\frac{\\lVert g\\rVert}{2\\rho}
+    \\left(\\sqrt{1 + \\frac{8\\rho}{\\eta \\lVert g\\rVert}} - 1\\right)`.
+
+    It tends to :math:`2/\\eta` as :math:`\\rho \\to 0`.
+
+    >>> abs(sam_edge(0.1, 1e-9, 1.0) - 20.0) < 1e-4
+    True
+    """
+    _check_lr(lr)
+    if rho == 0:
+        return 2.0 / lr
+    if grad_norm <= 0:
+        raise ValueError("The SAM edge needs a positive gradient norm.")
+    return grad_norm / (2.0 * rho) * (math.sqrt(1.0 + 8.0 * rho / (lr * grad_norm)) - 1.0)
+
+
+def ias_threshold(lr: float, rho_b: float) -> float:
+    """Edge of the interaction-aware sharpness for SGD at batch size b: :math:`2\\rho_b/\\eta`.
+
+    Paper 004, eq. 17.
+    """
+    _check_lr(lr)
+    return 2.0 * rho_b / lr
+
+
+def _sgd_threshold(group: dict[str, Any]) -> float:
+    lr, beta = float(group["lr"]), float(group.get("momentum", 0.0))
+    dampening = float(group.get("dampening", 0.0))
+    if group.get("maximize", False):
+        raise UnsupportedOptimizerError("SGD with maximize=True has no descent threshold.")
+    if beta == 0.0:
+        base = gd_threshold(lr)
+    elif group.get("nesterov", False):  # torch forbids dampening with nesterov
+        base = nesterov_threshold(lr, beta)
+    else:
+        # b = beta*b + (1 - dampening)*g: heavy ball with learning rate (1 - dampening)*lr
+        base = heavy_ball_threshold((1.0 - dampening) * lr, beta)
+    # the optimizer descends L + wd/2 |theta|^2, whose Hessian is H + wd*I
+    return base - float(group.get("weight_decay", 0.0))
+
+
+def _unwrap(optimizer: Any) -> Any:
+    # LightningOptimizer keeps the torch optimizer in `_optimizer`
+    inner = getattr(optimizer, "_optimizer", None)
+    return _unwrap(inner) if inner is not None else optimizer
+
+
+def stability_threshold(optimizer: Any) -> float:
+    """The threshold on :math:`\\lambda_1(H)` implied by a live optimizer's param groups.
+
+    Reads the current learning rate (after schedulers and warmup) and the momentum
+    settings. Supported: ``torch.optim.SGD`` (plain GD, heavy-ball momentum with or
+    without dampening, Nesterov). ``weight_decay`` :math:`w` adds :math:`wI` to the
+    Hessian the optimizer sees, so it lowers the threshold on the raw loss by :math:`w`.
+
+    Args:
+        optimizer: a ``torch.optim.Optimizer`` or Lightning's ``LightningOptimizer``.
+
+    Raises:
+        UnsupportedOptimizerError: for other optimizers, or param groups whose
+            thresholds differ (one scalar threshold does not exist then).
+
+    Example:
+        >>> p = [torch.nn.Parameter(torch.zeros(1))]
+        >>> stability_threshold(torch.optim.SGD(p, lr=0.1, momentum=0.9))
+        38.0
+    """
+    optimizer = _unwrap(optimizer)
+    if type(optimizer) is not torch.optim.SGD:
+        raise UnsupportedOptimizerError(
+            f"No stability threshold is known for {type(optimizer).__name__}. Supported: "
+            "torch.optim.SGD (GD, momentum, dampening, nesterov). Pass threshold=None to "
+            "measure the sharpness without a threshold, or a number to fix one."
+        )
+    values = {_sgd_threshold(g) for g in optimizer.param_groups}
+    if len(values) > 1:
+        raise UnsupportedOptimizerError(
+            "The param groups imply different thresholds "
+            f"({sorted(values)}); a single threshold on lambda_1(H) does not exist."
+        )
+    return values.pop()
