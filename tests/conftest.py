@@ -1,0 +1,59 @@
+"""Shared cases: tiny models and their float64 dense Hessians."""
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # scipy BLAS threads fight torch on 2 cores
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_eos.curvature import flatten, unflatten
+
+
+def mse(model: Callable[[Tensor], Tensor], batch: Any) -> Tensor:
+    x, y = batch
+    return F.mse_loss(model(x), y)
+
+
+def cross_entropy(model: Callable[[Tensor], Tensor], batch: Any) -> Tensor:
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def tiny_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+
+
+def tiny_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)
+    )
+
+
+def tiny_data(kind: str, loss: str, n: int = 11, seed: int = 0) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g) if kind == "mlp" else torch.randn(n, 1, 6, 6, generator=g)
+    if loss == "mse":
+        y = torch.randn(n, 3, generator=g)
+    else:
+        y = torch.randint(0, 3, (n,), generator=g)
+    return x.double(), (y.double() if loss == "mse" else y)
+
+
+def dense_hessian(model: nn.Module, loss_fn: Callable, batch: Any) -> Tensor:
+    """The float64 Hessian of ``loss_fn(model, batch)`` by torch.autograd.functional."""
+    names = [n for n, p in model.named_parameters()]
+    params = [p for p in model.parameters()]
+    flat0 = flatten(params).detach().double()
+
+    def loss_of(flat: Tensor) -> Tensor:
+        values = dict(zip(names, unflatten(flat, params), strict=True))
+        return loss_fn(lambda x: torch.func.functional_call(model, values, (x,)), batch)
+
+    return torch.autograd.functional.hessian(loss_of, flat0)

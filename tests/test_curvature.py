@@ -1,0 +1,150 @@
+"""Curvature engine against float64 dense Hessians and closed forms."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_eos.curvature import (
+    HessianOperator,
+    NonFiniteCurvatureError,
+    lanczos,
+    measurement_context,
+    rechunk,
+)
+
+from conftest import cross_entropy, dense_hessian, mse, tiny_cnn, tiny_data, tiny_mlp
+
+CASES = [
+    pytest.param(kind, loss, id=f"model={kind}-loss={loss}")
+    for kind in ("mlp", "cnn")
+    for loss in ("mse", "ce")
+]
+
+
+def _case(kind: str, loss: str):
+    torch.manual_seed(0)
+    model = (tiny_mlp() if kind == "mlp" else tiny_cnn()).double()
+    batch = tiny_data(kind, loss)
+    return model, (mse if loss == "mse" else cross_entropy), batch
+
+
+@pytest.mark.parametrize(("kind", "loss"), CASES)
+@pytest.mark.parametrize("chunk_size", [None, 4], ids=["chunks=1", "chunks=4+4+3"])
+def test_top_k_matches_dense_eigvalsh(kind, loss, chunk_size):
+    model, loss_fn, batch = _case(kind, loss)
+    h = dense_hessian(model, loss_fn, batch)
+    reference = torch.linalg.eigvalsh(h).flip(0)
+    chunks = rechunk([batch], None, chunk_size)
+    result = lanczos(HessianOperator(model, loss_fn, chunks), k=3, tol=1e-10)
+    assert result.converged
+    torch.testing.assert_close(result.eigenvalues, reference[:3], rtol=1e-8, atol=1e-10)
+    # the residuals Lanczos reports are the true residuals of its Ritz pairs
+    for lam, vec, res in zip(result.eigenvalues, result.eigenvectors, result.residuals):
+        assert abs((h @ vec - lam * vec).norm().item() - res.item()) < 1e-8
+
+
+@pytest.mark.parametrize(("kind", "loss"), CASES)
+def test_uneven_chunks_are_weighted_by_sample_count(kind, loss):
+    model, loss_fn, batch = _case(kind, loss)
+    dense = dense_hessian(model, loss_fn, batch)
+    v = torch.randn(dense.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for size in (2, 4, 5, 10):  # 11 samples: the last chunk is always shorter
+        op = HessianOperator(model, loss_fn, rechunk([batch], None, size))
+        torch.testing.assert_close(op.matvec(v), dense @ v, rtol=1e-9, atol=1e-11)
+    # an unweighted average of chunk Hessians would differ
+    chunks = rechunk([batch], None, 8)
+    naive = sum(HessianOperator(model, loss_fn, [c]).matvec(v) for c in chunks) / len(chunks)
+    assert not torch.allclose(naive, dense @ v, rtol=1e-3)
+
+
+@pytest.mark.parametrize("reuse_graph", [True, False])
+def test_graph_reuse_gives_the_same_products(reuse_graph):
+    model, loss_fn, batch = _case("mlp", "mse")
+    dense = dense_hessian(model, loss_fn, batch)
+    op = HessianOperator(model, loss_fn, [batch], reuse_graph=reuse_graph)
+    for seed in range(3):
+        v = torch.randn(op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(op.matvec(v), dense @ v)
+    assert op.num_matvecs == 3
+
+
+@pytest.mark.parametrize(("kind", "loss"), CASES)
+def test_forward_over_reverse_is_exact_or_falls_back(kind, loss):
+    model, loss_fn, batch = _case(kind, loss)
+    dense = dense_hessian(model, loss_fn, batch)
+    op = HessianOperator(model, loss_fn, rechunk([batch], None, 4), method="forward_over_reverse")
+    v = torch.randn(op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the documented fallback may warn
+        torch.testing.assert_close(op.matvec(v), dense @ v)
+
+
+def test_gradient_and_loss_match_the_full_batch():
+    model, loss_fn, batch = _case("mlp", "ce")
+    op = HessianOperator(model, loss_fn, rechunk([batch], None, 3))
+    full = loss_fn(model, batch)
+    grads = torch.autograd.grad(full, list(model.parameters()))
+    torch.testing.assert_close(op.gradient(), torch.cat([g.reshape(-1) for g in grads]))
+    assert op.loss() == pytest.approx(full.item(), rel=1e-12)
+
+
+def test_non_finite_loss_raises():
+    model, loss_fn, batch = _case("mlp", "mse")
+    x, y = batch
+    op = HessianOperator(model, loss_fn, [(x, y * float("nan"))])
+    with pytest.raises(NonFiniteCurvatureError):
+        lanczos(op, k=1)
+
+
+def test_measurement_context_restores_buffers_modes_and_rng():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=None), nn.Dropout(0.5))
+    model.train()
+    model[2].eval()  # a user-set mode must survive too
+    before = [b.clone() for b in model.buffers()]
+    rng = torch.get_rng_state()
+    with measurement_context(model):
+        assert model.training and not model[2].training
+        model(torch.randn(8, 3))
+        torch.rand(5)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+    assert torch.equal(rng, torch.get_rng_state())
+    assert model.training and model[1].training and not model[2].training
+
+
+def test_curvature_does_not_import_lightning():
+    code = "import sys, lightning_eos.curvature; assert 'lightning' not in sys.modules, 'imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_forward_over_reverse_falls_back_with_a_warning():
+    model, _, batch = _case("mlp", "mse")
+
+    class Square(torch.autograd.Function):  # old-style: unusable under torch.func
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x * x
+
+        @staticmethod
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            return 2 * x * grad
+
+    def loss_with_item(m, b):
+        return Square.apply(m(b[0]) - b[1]).mean()
+
+    loss_fn = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()  # noqa: E731
+    dense = dense_hessian(model, loss_fn, batch)
+    op = HessianOperator(model, loss_with_item, [batch], method="forward_over_reverse")
+    v = torch.randn(op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with pytest.warns(RuntimeWarning, match="falling back to double backward"):
+        hv = op.matvec(v)
+    assert op.method == "double_backward"
+    torch.testing.assert_close(hv, dense @ v)
