@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/lightning-eos fit --config configs/quickstart.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

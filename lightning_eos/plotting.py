@@ -28,8 +28,13 @@ def plot_sharpness(
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     k = 2
     while any(f"eos/eig_{k}" in h for h in history):
-        ax.plot(steps, [h.get(f"eos/eig_{k}") for h in history], lw=0.8, alpha=0.5,
-                label=f"$\\lambda_{k}$")
+        ax.plot(
+            steps,
+            [h.get(f"eos/eig_{k}") for h in history],
+            lw=0.8,
+            alpha=0.5,
+            label=f"$\\lambda_{k}$",
+        )
         k += 1
     ax.plot(steps, [h["eos/sharpness"] for h in history], color="C0", label="$\\lambda_1$")
     if any("eos/threshold" in h for h in history):

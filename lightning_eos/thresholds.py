@@ -116,8 +116,10 @@ def generalized_momentum_threshold(lr: float, beta1: float, beta2: float) -> flo
 
 
 def sam_edge(lr: float, rho: float, grad_norm: float) -> float:
-    """SAM's edge, paper 003, Prop. 2: :math:`\\frac{\\lVert g\\rVert}{2\\rho}
-    \\left(\\sqrt{1 + \\frac{8\\rho}{\\eta \\lVert g\\rVert}} - 1\\right)`.
+    """SAM's edge, paper 003, Prop. 2.
+
+    .. math:: \\frac{\\lVert g\\rVert}{2\\rho}
+        \\left(\\sqrt{1 + \\frac{8\\rho}{\\eta \\lVert g\\rVert}} - 1\\right)
 
     It tends to :math:`2/\\eta` as :math:`\\rho \\to 0`.
 

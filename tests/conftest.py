@@ -1,19 +1,19 @@
 """Shared cases: tiny models and their float64 dense Hessians."""
 
+from __future__ import annotations
+
 import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # scipy BLAS threads fight torch on 2 cores
 
-from __future__ import annotations
-
 from collections.abc import Callable
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
 
-from lightning_eos.curvature import flatten, unflatten
+from lightning_eos.curvature import flatten, unflatten  # noqa: E402
 
 
 def mse(model: Callable[[Tensor], Tensor], batch: Any) -> Tensor:
@@ -31,9 +31,7 @@ def tiny_mlp() -> nn.Module:
 
 
 def tiny_cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)
-    )
+    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
 
 
 def tiny_data(kind: str, loss: str, n: int = 11, seed: int = 0) -> tuple[Tensor, Tensor]:

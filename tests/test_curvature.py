@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import cross_entropy, dense_hessian, mse, tiny_cnn, tiny_data, tiny_mlp
 from torch import nn
 
 from lightning_eos.curvature import (
@@ -16,8 +17,6 @@ from lightning_eos.curvature import (
     measurement_context,
     rechunk,
 )
-
-from conftest import cross_entropy, dense_hessian, mse, tiny_cnn, tiny_data, tiny_mlp
 
 CASES = [
     pytest.param(kind, loss, id=f"model={kind}-loss={loss}")

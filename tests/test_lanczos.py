@@ -31,13 +31,17 @@ def test_top_k_and_residual_stop(k):
     exact = torch.linalg.eigvalsh(a).flip(0)[:k]
     assert result.converged
     torch.testing.assert_close(result.eigenvalues, exact, rtol=1e-8, atol=1e-8)
-    assert torch.allclose(result.eigenvectors @ result.eigenvectors.T, torch.eye(k, dtype=torch.float64), atol=1e-8)
+    assert torch.allclose(
+        result.eigenvectors @ result.eigenvectors.T, torch.eye(k, dtype=torch.float64), atol=1e-8
+    )
     for lam, vec, res in zip(result.eigenvalues, result.eigenvectors, result.residuals):
         assert (a @ vec - lam * vec).norm().item() == pytest.approx(res.item(), abs=1e-9)
 
 
 def test_warm_start_needs_fewer_products():
-    spectrum = torch.cat([torch.tensor([10.0, 9.0]), torch.rand(200, generator=torch.Generator().manual_seed(0)) * 8])
+    spectrum = torch.cat(
+        [torch.tensor([10.0, 9.0]), torch.rand(200, generator=torch.Generator().manual_seed(0)) * 8]
+    )
     a = _symmetric(spectrum)
     cold = lanczos(a, k=1, tol=1e-6)
     b = a + 1e-3 * _symmetric(torch.randn(202, generator=torch.Generator().manual_seed(1)), seed=2)

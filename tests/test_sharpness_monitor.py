@@ -62,7 +62,9 @@ def _trainer(tmp_path: Path | None = None, callbacks=(), max_steps=12, **kwargs)
 
 
 def _digits(batch_size=32):
-    return DigitsDataModule(num_train=200, num_val=50, batch_size=batch_size, target="label", shuffle=True)
+    return DigitsDataModule(
+        num_train=200, num_val=50, batch_size=batch_size, target="label", shuffle=True
+    )
 
 
 def _fit(monitor: SharpnessMonitor | None, max_steps: int = 12):
@@ -106,8 +108,14 @@ def test_logged_sharpness_matches_scipy_on_the_measurement_set(tmp_path):
         rows = [r for r in csv.DictReader(f) if r.get("eos/sharpness")]
     assert [int(r["step"]) for r in rows] == [0, 4, 8]
     for row, record in zip(rows, monitor.history):
-        for key in ("eos/sharpness", "eos/eig_2", "eos/eig_3", "eos/threshold",
-                    "eos/sharpness_ratio", "eos/lanczos_iters"):
+        for key in (
+            "eos/sharpness",
+            "eos/eig_2",
+            "eos/eig_3",
+            "eos/threshold",
+            "eos/sharpness_ratio",
+            "eos/lanczos_iters",
+        ):
             assert float(row[key]) == pytest.approx(record[key], rel=1e-6)
     assert float(rows[-1]["eos/threshold"]) == pytest.approx((2 + 2 * 0.9) / 0.05)
 
@@ -119,7 +127,9 @@ def test_logged_sharpness_matches_scipy_on_the_measurement_set(tmp_path):
     with measurement_context(reference_model):
         op = HessianOperator(reference_model, loss_fn, chunks)
         linear = scipy_linalg.LinearOperator(
-            (op.dim, op.dim), matvec=lambda v: op.matvec(torch.from_numpy(v)).numpy(), dtype=np.float64
+            (op.dim, op.dim),
+            matvec=lambda v: op.matvec(torch.from_numpy(v)).numpy(),
+            dtype=np.float64,
         )
         exact = np.sort(scipy_linalg.eigsh(linear, k=3, which="LA", tol=1e-10)[0])[::-1]
     last = monitor.history[-1]
@@ -191,8 +201,16 @@ def test_state_dict_round_trip():
     assert fresh.history == monitor.history
 
 
-@pytest.mark.parametrize("kwargs", [{"every_n_steps": 0}, {"top_k": 0}, {"mode": "test"},
-                                    {"threshold": "2/eta"}, {"chunk_size": 0}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"every_n_steps": 0},
+        {"top_k": 0},
+        {"mode": "test"},
+        {"threshold": "2/eta"},
+        {"chunk_size": 0},
+    ],
+)
 def test_bad_arguments_fail_at_construction(kwargs):
     with pytest.raises(ValueError):
         SharpnessMonitor(**kwargs)

@@ -41,9 +41,13 @@ def test_stability_threshold_equals_the_table(kwargs, expected):
 
 def test_formulas_agree_with_each_other():
     lr, b = 0.05, 0.7
-    assert T.generalized_momentum_threshold(lr, b, 0.0) == pytest.approx(T.heavy_ball_threshold(lr, b))
+    assert T.generalized_momentum_threshold(lr, b, 0.0) == pytest.approx(
+        T.heavy_ball_threshold(lr, b)
+    )
     assert T.generalized_momentum_threshold(lr, b, b) == pytest.approx(T.nesterov_threshold(lr, b))
-    assert T.ema_heavy_ball_threshold(lr, b) == pytest.approx(T.heavy_ball_threshold((1 - b) * lr, b))
+    assert T.ema_heavy_ball_threshold(lr, b) == pytest.approx(
+        T.heavy_ball_threshold((1 - b) * lr, b)
+    )
     assert T.ema_nesterov_threshold(lr, b) == pytest.approx(T.nesterov_threshold((1 - b) * lr, b))
     assert T.ema_heavy_ball_threshold(1.0, 0.9) == pytest.approx(38.0)
     assert T.sam_edge(lr, 1e-10, 3.0) == pytest.approx(2 / lr, rel=1e-6)

@@ -126,9 +126,11 @@ class HessianOperator:
         self.model = model
         self.loss_fn = loss_fn
         self.chunks = list(chunks)
-        self.params = list(params) if params is not None else [
-            p for p in model.parameters() if p.requires_grad
-        ]
+        self.params = (
+            list(params)
+            if params is not None
+            else [p for p in model.parameters() if p.requires_grad]
+        )
         self.method: HVPMethod = method
         self.reuse_graph = len(self.chunks) == 1 if reuse_graph is None else reuse_graph
         self._prepare = prepare_chunk or (lambda chunk: chunk)
@@ -189,7 +191,7 @@ class HessianOperator:
             else:
                 with torch.no_grad():
                     losses = [self._chunk_loss(c) for c in self.chunks]
-            self._loss = float(sum(w * l.double() for w, l in zip(self.weights, losses)))
+            self._loss = float(sum(w * loss.double() for w, loss in zip(self.weights, losses)))
         return self._loss
 
     def gradient(self) -> Tensor:

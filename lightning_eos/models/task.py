@@ -6,7 +6,6 @@ from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import lightning as L
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -94,7 +93,10 @@ class SupervisedTask(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
 
 __all__ = ["SupervisedTask", "classification_loss", "mse_loss"]
