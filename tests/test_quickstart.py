@@ -60,3 +60,26 @@ def test_quickstart_reaches_the_edge_of_stability(tmp_path):
     assert steps == list(range(0, 301, 10))
     assert list(out.glob("wandb/offline-run-*"))
     assert plot.paths and plot.paths[0].stat().st_size > 10_000
+
+
+def test_example_script_runs(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "example"
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "train_digits.py"),
+            "--max-steps",
+            "20",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        cwd=tmp_path,
+        capture_output=True,
+    )
+    assert (out / "sharpness.png").exists()
+    with open(next(out.glob("lightning_logs/version_*/metrics.csv"))) as f:
+        assert [r["step"] for r in csv.DictReader(f) if r.get("eos/sharpness")] == ["0", "10", "20"]

@@ -13,18 +13,25 @@ whose residual is known without another product:
 Some eigenvalue lies within the residual of :math:`\\theta` (Bauer-Fike), and within
 :math:`r^2/\\delta` when the rest of the spectrum is at distance :math:`\\delta`
 (Kato-Temple). The stop rule uses the estimate
-:math:`\\min(r, r^2/\\delta)` with :math:`\\delta` the distance to the nearest other Ritz
-value (only :math:`r` after one step), relative to :math:`|\\theta|`. It never stops on
+:math:`\\min(r, r^2/\\delta)`, relative to :math:`|\\theta|`, with :math:`\\delta` the
+distance from :math:`\\theta` to the nearest interval :math:`[\\theta_j - r_j, \\theta_j + r_j]`
+of another Ritz value; in the first two steps, before the Ritz values resolve the rest of
+the spectrum, it uses :math:`r` alone. It never stops on
 the change of the estimate between steps.
 
 Full reorthogonalization (classical Gram-Schmidt, twice) keeps :math:`Q_m` orthonormal,
 so no ghost copies of converged eigenvalues appear. The ordering is by algebraic value:
 a large negative eigenvalue is never reported as the top one.
 
-Warm start: ``init`` holds earlier Ritz vectors; the start vector is their normalized
-sum, so :math:`\\mathcal K_m` contains all their directions within a few steps. Pass
-``restart_vectors`` of the previous result (the top ``k + restart_extra``), not just the
-top ``k``: at the edge of stability the top eigenvalues cross between measurements. A random
+Warm start: ``init`` holds earlier (weighted) Ritz vectors; the start vector is their
+normalized sum. Pass ``restart_vectors`` of the previous result. They hold the top ``k``
+Ritz vectors with weight 1 and up to ``restart_extra`` more, weighted by how close their
+Ritz value is to the ``k``-th: :math:`w_i = \\max(0, 1 - (\\theta_k - \\theta_i) /
+(\\omega |\\theta_k|))` with ``restart_window`` :math:`\\omega`. Only near-degenerate
+directions can overtake the top ones between two measurements (at the edge of stability
+the top eigenvalues cluster and cross), and a start vector without them converges to
+the *previous* top eigenvalue. Directions far below the top are left out, because they
+only dilute a good start vector and cost extra products. A random
 start uses the given ``generator`` (a CPU generator), never the global RNG.
 """
 
@@ -52,8 +59,8 @@ class LanczosResult:
         error_estimates: ``(k,)`` the stop rule's estimate of :math:`|\\lambda - \\theta|`.
         num_iterations: Lanczos steps taken, which is the number of matvecs.
         converged: whether every estimate met ``tol * |theta|``.
-        restart_vectors: ``(j, n)`` the top ``k + restart_extra`` Ritz vectors (fewer if
-            fewer steps were taken), to warm-start the next call with ``init``.
+        restart_vectors: ``(j, n)`` weighted Ritz vectors to warm-start the next call
+            with ``init`` (see the module docstring).
     """
 
     eigenvalues: Tensor
@@ -85,6 +92,7 @@ def lanczos(
     tol: float = 1e-4,
     max_iter: int = 100,
     restart_extra: int = 2,
+    restart_window: float = 0.1,
     generator: torch.Generator | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
@@ -98,11 +106,11 @@ def lanczos(
         init: warm start, ``(n,)`` or ``(j, n)`` earlier eigenvectors.
         tol: stop when every top-``k`` error estimate is at most ``tol * |theta|``.
         max_iter: at most this many matvecs.
-        restart_extra: how many Ritz vectors beyond the top ``k`` to return in
-            ``restart_vectors``. Warm-starting from a few more directions than ``k``
-            protects against eigenvalue crossings, where the previous top eigenvector
-            has become the second one and a single-vector warm start would converge to
-            the wrong eigenvalue.
+        restart_extra: at most this many Ritz vectors beyond the top ``k`` go into
+            ``restart_vectors``, to guard the next warm start against eigenvalue
+            crossings.
+        restart_window: relative distance below the ``k``-th Ritz value within which the
+            extra Ritz vectors get a positive weight.
         generator: CPU generator for the random start (default: seeded with 0).
         dtype: working dtype of the basis (default: the matrix's, ``init``'s,
             ``operator.dtype`` or float32).
@@ -171,8 +179,10 @@ def lanczos(
         theta, s = torch.linalg.eigh(t)
         theta, s = theta.flip(0), s.flip(1)  # descending
         residuals = beta * s[-1].abs()
-        if m > 1:
-            # distance to the interval where the other Ritz values' eigenvalues may lie
+        if m >= 3:
+            # Distance to the intervals where the other Ritz values' eigenvalues may lie.
+            # With two steps the second Ritz value lumps the whole rest of the spectrum
+            # together and overstates the gap, so the quadratic bound waits for a third.
             gaps = (theta[:, None] - theta[None, :]).abs() - residuals[None, :]
             gaps.fill_diagonal_(float("inf"))
             gap = gaps.min(1).values.clamp_min(0.0)
@@ -195,6 +205,11 @@ def lanczos(
 
     top = min(k, m)
     ritz = s[:, : min(k + restart_extra, m)].T.to(dtype=dtype, device=device) @ basis[:m]
+    kth = theta[top - 1]
+    closeness = (theta[top : ritz.shape[0]] - kth) / (restart_window * kth.abs()) + 1.0
+    weights = torch.cat([torch.ones(top, dtype=torch.float64), closeness.clamp(0.0, 1.0)])
+    keep = weights > 0
+    restart = ritz[keep] * weights[keep].to(dtype=dtype, device=device)[:, None]
     return LanczosResult(
         eigenvalues=theta[:top].to(dtype=dtype, device=device),
         eigenvectors=ritz[:top],
@@ -202,5 +217,5 @@ def lanczos(
         error_estimates=errors[:top],
         num_iterations=m,
         converged=done,
-        restart_vectors=ritz,
+        restart_vectors=restart,
     )
