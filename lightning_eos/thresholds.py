@@ -148,6 +148,8 @@ def _sgd_threshold(group: dict[str, Any]) -> float:
     dampening = float(group.get("dampening", 0.0))
     if group.get("maximize", False):
         raise UnsupportedOptimizerError("SGD with maximize=True has no descent threshold.")
+    if beta > 0 and dampening >= 1.0:
+        raise UnsupportedOptimizerError("SGD with dampening=1 never feeds gradients in.")
     if beta == 0.0:
         base = gd_threshold(lr)
     elif group.get("nesterov", False):  # torch forbids dampening with nesterov

@@ -1,20 +1,23 @@
-"""Which samples a monitor measures on, built once per fit without touching training RNG."""
+"""Which samples a monitor measures on, and how it calls an unmodified training_step."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import copy
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_eos.curvature import rechunk
+from lightning_eos.curvature import preserved_rng, rechunk
+
+LossFnType = Callable[[Any, Any], torch.Tensor]
 
 
 def measurement_chunks(
-    loader: DataLoader,
+    loader: Any,
     num_samples: int | None,
     chunk_size: int | None,
     seed: int,
@@ -23,15 +26,24 @@ def measurement_chunks(
 
     For a map-style dataset the samples are chosen by index: all of them, or a
     ``seed``-ed random subset of ``num_samples``, kept in dataset order and collated with
-    the loader's ``collate_fn``. The training sampler is never asked, so its RNG and
-    order stay untouched. Other loaders are iterated (under a forked RNG) and their
-    first ``num_samples`` samples are taken. ``chunk_size=None`` means the loader's
-    batch size.
+    the loader's ``collate_fn``. The training sampler and iterator are never asked, so
+    the data order of the run is untouched. An iterable dataset is read afresh in this
+    process (its first ``num_samples`` samples). Any random transform in the dataset
+    draws from a forked RNG. ``chunk_size=None`` means the loader's batch size.
     """
+    if not isinstance(loader, DataLoader):
+        raise TypeError(
+            f"Cannot take a measurement set from a {type(loader).__name__} (several training "
+            "loaders?); pass the monitor a `dataloader=` to measure on."
+        )
     dataset = loader.dataset
     chunk_size = chunk_size or loader.batch_size
-    has_len = hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")
-    if has_len and not isinstance(dataset, torch.utils.data.IterableDataset):
+    with preserved_rng():
+        if isinstance(dataset, IterableDataset):
+            if num_samples is None:
+                raise ValueError("An iterable dataset needs `num_samples` to bound the set.")
+            fresh = DataLoader(dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn)
+            return rechunk(iter(fresh), num_samples, chunk_size)
         n = len(dataset)
         if num_samples is None or num_samples >= n:
             indices = list(range(n))
@@ -39,13 +51,10 @@ def measurement_chunks(
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
             indices = sorted(perm[:num_samples].tolist())
         size = chunk_size or len(indices)
-        collate = loader.collate_fn
         return [
-            collate([dataset[i] for i in indices[start : start + size]])
+            loader.collate_fn([dataset[i] for i in indices[start : start + size]])
             for start in range(0, len(indices), size)
         ]
-    with torch.random.fork_rng():
-        return rechunk(iter(loader), num_samples, chunk_size)
 
 
 def training_step_loss(module: L.LightningModule, batch: Any) -> torch.Tensor:
@@ -59,18 +68,38 @@ def training_step_loss(module: L.LightningModule, batch: Any) -> torch.Tensor:
     return loss
 
 
+def _metric_states(module: torch.nn.Module) -> list[tuple[Any, dict[str, Any]]]:
+    try:
+        from torchmetrics import Metric
+    except ImportError:  # pragma: no cover - torchmetrics is a dependency
+        return []
+    saved = []
+    for metric in module.modules():
+        if isinstance(metric, Metric):
+            keys = [*metric.metric_state, "_update_count", "_computed", "_forward_cache"]
+            saved.append((metric, {k: copy.deepcopy(getattr(metric, k, None)) for k in keys}))
+    return saved
+
+
 @contextmanager
-def silenced_logging(module: L.LightningModule) -> Any:
-    """Make ``self.log``/``self.log_dict`` no-ops while a measurement calls training_step."""
+def training_step_sandbox(module: L.LightningModule) -> Iterator[None]:
+    """Let a measurement call ``training_step`` without leaving traces.
+
+    ``self.log``/``self.log_dict`` are no-ops inside, and the states of torchmetrics
+    metrics updated by ``training_step`` are restored on exit. Other side effects of a
+    user's ``training_step`` (counters, prints) do happen once per chunk evaluation: pass
+    the monitor a ``loss_fn`` to avoid them.
+    """
 
     def _noop(*args: Any, **kwargs: Any) -> None:
         return None
 
+    metrics = _metric_states(module)
     module.log, module.log_dict = _noop, _noop  # type: ignore[method-assign]
     try:
         yield
     finally:
         del module.log, module.log_dict
-
-
-LossFnType = Callable[[Any, Any], torch.Tensor]
+        for metric, state in metrics:
+            for key, value in state.items():
+                setattr(metric, key, value)

@@ -14,8 +14,8 @@ from typing_extensions import override
 from lightning_eos.callbacks._measurement_set import (
     LossFnType,
     measurement_chunks,
-    silenced_logging,
     training_step_loss,
+    training_step_sandbox,
 )
 from lightning_eos.curvature import (
     HessianOperator,
@@ -23,6 +23,7 @@ from lightning_eos.curvature import (
     LanczosResult,
     MeasurementMode,
     NonFiniteCurvatureError,
+    StopRule,
     lanczos,
     measurement_context,
 )
@@ -53,17 +54,20 @@ class SharpnessMonitor(Callback):
     BatchNorm buffers and RNG streams are the same with and without the monitor. It
     runs in float32 with autocast disabled, on the unwrapped LightningModule. In
     ``mode="train"`` BatchNorm uses batch statistics (the training loss) and dropout is
-    off; see :func:`lightning_eos.curvature.measurement_context`.
+    off; see :func:`lightning_eos.curvature.measurement_context`. With ``*-true`` half
+    precision the parameters themselves are half precision, and so are the products (a
+    warning says so).
 
     Args:
         every_n_steps: measure when ``trainer.global_step`` is a multiple of this.
         top_k: number of top eigenvalues.
-        num_samples: size of the measurement set; ``None`` for the whole training set.
-            A subset is drawn once, deterministically from ``seed``.
+        num_samples: size of the measurement set, drawn once per fit, deterministically
+            from ``seed``, from the training data; ``None`` for the whole training set.
         chunk_size: samples per forward pass in a measurement; ``None`` for the
             training loader's batch size. Chunks are weighted by their sample count.
         loss_fn: ``loss_fn(module, batch) -> mean loss``; default: the loss returned by
-            ``training_step`` (with ``self.log`` silenced during measurements).
+            ``training_step``, with ``self.log`` silenced and torchmetrics states restored
+            (other side effects of ``training_step`` do happen; pass ``loss_fn`` then).
         dataloader: measure on this loader's data instead of the training data.
         threshold: ``"auto"`` reads it from the optimizer (see
             :func:`~lightning_eos.thresholds.stability_threshold`), a number fixes it,
@@ -71,6 +75,8 @@ class SharpnessMonitor(Callback):
         mode: ``"train"`` or ``"eval"`` module mode during measurements.
         tol: Lanczos stops when every top-``k`` eigenvalue's error estimate is below
             ``tol`` relative.
+        stop_rule: ``"gap"`` (sharp estimate) or ``"residual"`` (rigorous bound); see
+            :func:`~lightning_eos.curvature.lanczos`.
         max_iter: at most this many Hessian-vector products per measurement.
         hvp_method: ``"double_backward"`` or ``"forward_over_reverse"`` (falls back).
         measure_at_start: also measure before the first step.
@@ -78,21 +84,22 @@ class SharpnessMonitor(Callback):
 
     Example:
         >>> monitor = SharpnessMonitor(every_n_steps=10, top_k=2)
-        >>> monitor.state_key
-        "SharpnessMonitor{'every_n_steps': 10, 'top_k': 2}"
+        >>> monitor.state_key.startswith("SharpnessMonitor{'every_n_steps': 10, 'top_k': 2")
+        True
     """
 
     def __init__(
         self,
         every_n_steps: int = 10,
         top_k: int = 1,
-        num_samples: int | None = None,
+        num_samples: int | None = 2048,
         chunk_size: int | None = None,
         loss_fn: LossFnType | None = None,
         dataloader: DataLoader | None = None,
         threshold: float | Literal["auto"] | None = "auto",
         mode: MeasurementMode = "train",
         tol: float = 1e-3,
+        stop_rule: StopRule = "gap",
         max_iter: int = 100,
         hvp_method: HVPMethod = "double_backward",
         measure_at_start: bool = True,
@@ -108,12 +115,14 @@ class SharpnessMonitor(Callback):
             raise ValueError(f"chunk_size={chunk_size} must be positive or None.")
         if mode not in ("train", "eval"):
             raise ValueError(f"mode={mode!r}; choose 'train' or 'eval'.")
+        if stop_rule not in ("gap", "residual"):
+            raise ValueError(f"stop_rule={stop_rule!r}; choose 'gap' or 'residual'.")
         if not (threshold is None or threshold == "auto" or isinstance(threshold, (int, float))):
             raise ValueError(f"threshold={threshold!r}; use 'auto', a number or None.")
         self.every_n_steps, self.top_k = every_n_steps, top_k
         self.num_samples, self.chunk_size = num_samples, chunk_size
         self.loss_fn, self.dataloader, self.threshold = loss_fn, dataloader, threshold
-        self.mode, self.tol, self.max_iter = mode, tol, max_iter
+        self.mode, self.tol, self.stop_rule, self.max_iter = mode, tol, stop_rule, max_iter
         self.hvp_method, self.measure_at_start, self.seed = hvp_method, measure_at_start, seed
         self.history: list[dict[str, float]] = []
         self._last_step: int | None = None
@@ -123,7 +132,13 @@ class SharpnessMonitor(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps, top_k=self.top_k)
+        return self._generate_state_key(
+            every_n_steps=self.every_n_steps,
+            top_k=self.top_k,
+            num_samples=self.num_samples,
+            chunk_size=self.chunk_size,
+            mode=self.mode,
+        )
 
     # --- validation -------------------------------------------------------------------
 
@@ -137,6 +152,13 @@ class SharpnessMonitor(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: L.LightningModule) -> None:
+        self._chunks = None  # a new fit may train on new data
+        dtypes = {p.dtype for p in pl_module.parameters() if p.requires_grad}
+        if dtypes - {torch.float32, torch.float64}:
+            rank_zero_warn(
+                f"{type(self).__name__}: the parameters are {sorted(map(str, dtypes))}; "
+                "Hessian-vector products are computed in that precision."
+            )
         if self.threshold == "auto":
             if len(trainer.optimizers) != 1:
                 raise ValueError(
@@ -151,6 +173,8 @@ class SharpnessMonitor(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: L.LightningModule) -> None:
         if self.measure_at_start:
             self._maybe_measure(trainer, pl_module)
+        elif self._last_step is None:
+            self._last_step = trainer.global_step  # not when accumulation reaches batch end
 
     @override
     def on_train_batch_end(
@@ -199,13 +223,14 @@ class SharpnessMonitor(Callback):
     ) -> LanczosResult | None:
         chunks = self._measurement_set(trainer)
         try:
-            with measurement_context(pl_module, self.mode), silenced_logging(pl_module):
+            with measurement_context(pl_module, self.mode), training_step_sandbox(pl_module):
                 operator = HessianOperator(
                     pl_module,
                     self._loss_fn(),
                     chunks,
                     method=self.hvp_method,
                     prepare_chunk=trainer.strategy.batch_to_device,
+                    seed=self.seed,
                 )
                 result = lanczos(
                     operator,
@@ -214,6 +239,7 @@ class SharpnessMonitor(Callback):
                     tol=self.tol,
                     max_iter=self.max_iter,
                     generator=torch.Generator().manual_seed(self.seed),
+                    stop_rule=self.stop_rule,
                 )
         except NonFiniteCurvatureError as err:
             rank_zero_warn(

@@ -11,7 +11,7 @@ Batches
 """
 
 from lightning_eos.curvature._batches import batch_size, rechunk
-from lightning_eos.curvature.context import MeasurementMode, measurement_context
+from lightning_eos.curvature.context import MeasurementMode, measurement_context, preserved_rng
 from lightning_eos.curvature.hessian import (
     HessianOperator,
     HVPMethod,
@@ -20,7 +20,7 @@ from lightning_eos.curvature.hessian import (
     flatten,
     unflatten,
 )
-from lightning_eos.curvature.lanczos import LanczosResult, lanczos
+from lightning_eos.curvature.lanczos import LanczosResult, StopRule, lanczos
 
 __all__ = [
     # Hessian-vector products
@@ -32,10 +32,12 @@ __all__ = [
     "unflatten",
     # eigensolvers
     "LanczosResult",
+    "StopRule",
     "lanczos",
     # measurement hygiene
     "MeasurementMode",
     "measurement_context",
+    "preserved_rng",
     # batches
     "batch_size",
     "rechunk",

@@ -5,19 +5,25 @@
 
 * **Buffers** (BatchNorm running statistics and ``num_batches_tracked``) are snapshotted
   and copied back, which also covers ``momentum=None`` cumulative averages.
-* **Mode.** ``mode="train"`` measures the *training* loss: BatchNorm normalizes with the
-  statistics of each chunk, as in a training step. Dropout is switched off, because a
-  fresh random mask on every product would make each Hessian-vector product belong to a
-  different matrix. ``mode="eval"`` measures the loss of the model in eval mode (running
-  statistics), which for BatchNorm networks is a different function.
-* **Random streams** of the CPU and of the model's accelerator are forked, so anything
-  drawn inside leaves the training run's generators where they were.
+* **Mode.** ``mode="train"`` measures the *training* loss: every module keeps the mode it
+  trains in (BatchNorm normalizes with the statistics of each chunk, a submodule the
+  user froze in eval mode stays frozen), except that dropout modules are switched off,
+  because a fresh random mask on every product would make each Hessian-vector product
+  belong to a different matrix. Randomness drawn inside ``forward`` by other means
+  (``F.dropout``, attention dropout) is frozen instead: :class:`HessianOperator` replays
+  the same random stream for every product. ``mode="eval"`` measures the loss of the
+  whole model in eval mode (running statistics), which for BatchNorm networks is a
+  different function.
+* **Random streams** of torch (CPU and the model's accelerator), Python's ``random`` and
+  NumPy are saved and restored (:func:`preserved_rng`), so anything drawn inside leaves
+  the training run's generators where they were.
 * **Gradients**: nothing inside should call ``backward()``; the products use
   ``torch.autograd.grad``, which leaves ``.grad`` untouched.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Literal
@@ -27,6 +33,38 @@ from torch import nn
 from torch.nn.modules.dropout import _DropoutNd
 
 MeasurementMode = Literal["train", "eval"]
+
+
+def _cuda_devices(model: nn.Module | None) -> list[int]:
+    if model is None:
+        return []
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+
+
+@contextmanager
+def preserved_rng(model: nn.Module | None = None) -> Iterator[None]:
+    """Restore torch's (CPU and ``model``'s CUDA devices), Python's and NumPy's RNG on exit.
+
+    Example:
+        >>> state = torch.get_rng_state()
+        >>> with preserved_rng():
+        ...     _ = torch.rand(3), random.random()
+        >>> torch.equal(state, torch.get_rng_state())
+        True
+    """
+    python_state = random.getstate()
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy is optional for torch
+        np = None
+    numpy_state = np.random.get_state() if np is not None else None
+    try:
+        with torch.random.fork_rng(devices=_cuda_devices(model)):
+            yield
+    finally:
+        random.setstate(python_state)
+        if np is not None:
+            np.random.set_state(numpy_state)
 
 
 @contextmanager
@@ -44,10 +82,10 @@ def measurement_context(model: nn.Module, mode: MeasurementMode = "train") -> It
         raise ValueError(f"mode={mode!r}; choose 'train' or 'eval'.")
     modes = {m: m.training for m in model.modules()}
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    devices = sorted({b.device.index or 0 for b in model.parameters() if b.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices, enabled=True):
+    with preserved_rng(model):
         try:
-            model.train(mode == "train")
+            if mode == "eval":
+                model.eval()
             for module in model.modules():
                 if isinstance(module, _DropoutNd):
                     module.eval()

@@ -10,7 +10,11 @@ the mean loss over the set and its Hessian are
     H v = \\sum_c \\frac{n_c}{N} \\nabla^2 L_c(\\theta)\\, v ,
 
 so a short last chunk gets its true weight instead of a full chunk's. Only one chunk's
-graph lives at a time, so memory is bounded by one chunk. When the whole set is one
+graph lives at a time, so memory is bounded by one chunk. Every evaluation of chunk
+:math:`c` replays the same random stream (seeded with ``seed + c`` inside a forked RNG),
+so randomness drawn in ``forward`` (functional or attention dropout) is the same in every
+product and Lanczos sees one matrix; the caller's RNG state is left untouched.
+Parameters the loss does not use have zero rows and columns. When the whole set is one
 chunk, the first-order graph :math:`\\nabla L` is built once and every product is one
 extra backward pass through it (``reuse_graph``).
 
@@ -34,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_eos.curvature._batches import batch_size
+from lightning_eos.curvature.context import preserved_rng
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 HVPMethod = Literal["double_backward", "forward_over_reverse"]
@@ -81,6 +86,7 @@ class HessianOperator:
         prepare_chunk: applied to each chunk before ``loss_fn`` (e.g. a device move).
         num_samples_fn: the number of samples of a chunk (default: leading dimension of
             its first tensor).
+        seed: seed of the random stream replayed for each chunk.
 
     The loss is evaluated in float32 semantics with autocast disabled, whatever the
     ambient precision context.
@@ -116,6 +122,7 @@ class HessianOperator:
         reuse_graph: bool | None = None,
         prepare_chunk: Callable[[Any], Any] | None = None,
         num_samples_fn: Callable[[Any], int] = batch_size,
+        seed: int = 0,
     ) -> None:
         if not chunks:
             raise ValueError("The measurement set has no chunks.")
@@ -134,6 +141,7 @@ class HessianOperator:
         self.method: HVPMethod = method
         self.reuse_graph = len(self.chunks) == 1 if reuse_graph is None else reuse_graph
         self._prepare = prepare_chunk or (lambda chunk: chunk)
+        self.seed = seed
         counts = [num_samples_fn(c) for c in self.chunks]
         total = sum(counts)
         self.num_samples = total
@@ -162,24 +170,29 @@ class HessianOperator:
             return torch.autocast(self.device.type, enabled=False)
         return nullcontext()
 
-    def _chunk_loss(self, chunk: Any) -> Tensor:
-        with self._no_autocast():
-            loss = self.loss_fn(self.model, self._prepare(chunk))
+    def _chunk_loss(self, index: int) -> Tensor:
+        with preserved_rng(self.model), self._no_autocast():
+            torch.manual_seed(self.seed + index)
+            loss = self.loss_fn(self.model, self._prepare(self.chunks[index]))
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise TypeError("loss_fn must return a scalar tensor (the mean loss of the chunk).")
         if not torch.isfinite(loss):
             raise NonFiniteCurvatureError(f"The measurement loss is {loss.item()}.")
         return loss
 
-    def _first_order(self, chunk: Any) -> tuple[Tensor, list[Tensor]]:
+    def _first_order(self, index: int, create_graph: bool = True) -> tuple[Tensor, list[Tensor]]:
         with torch.enable_grad():
-            loss = self._chunk_loss(chunk)
-            grads = torch.autograd.grad(loss, self.params, create_graph=True)
-        return loss.detach(), list(grads)
+            loss = self._chunk_loss(index)
+            grads = torch.autograd.grad(
+                loss, self.params, create_graph=create_graph, allow_unused=True
+            )
+        return loss.detach(), [
+            torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)
+        ]
 
     def _graphs_or_none(self) -> list[tuple[Tensor, list[Tensor]]] | None:
         if self.reuse_graph and self._graphs is None:
-            self._graphs = [self._first_order(c) for c in self.chunks]
+            self._graphs = [self._first_order(i) for i in range(len(self.chunks))]
         return self._graphs
 
     def loss(self) -> float:
@@ -190,7 +203,7 @@ class HessianOperator:
                 losses = [g[0] for g in graphs]
             else:
                 with torch.no_grad():
-                    losses = [self._chunk_loss(c) for c in self.chunks]
+                    losses = [self._chunk_loss(i) for i in range(len(self.chunks))]
             self._loss = float(sum(w * loss.double() for w, loss in zip(self.weights, losses)))
         return self._loss
 
@@ -198,12 +211,11 @@ class HessianOperator:
         """The flat gradient :math:`\\nabla L` of the mean loss over the measurement set."""
         graphs = self._graphs_or_none()
         total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
-        for i, chunk in enumerate(self.chunks):
+        for i in range(len(self.chunks)):
             if graphs is not None:
                 grads = [g.detach() for g in graphs[i][1]]
             else:
-                with torch.enable_grad():
-                    grads = torch.autograd.grad(self._chunk_loss(chunk), self.params)
+                grads = self._first_order(i, create_graph=False)[1]
             total.add_(flatten(grads), alpha=self.weights[i])
         return total
 
@@ -214,8 +226,8 @@ class HessianOperator:
         v = v.to(dtype=self.dtype, device=self.device)
         tangents = unflatten(v, self.params)
         total = torch.zeros_like(v)
-        for i, chunk in enumerate(self.chunks):
-            total.add_(self._chunk_hvp(i, chunk, tangents), alpha=self.weights[i])
+        for i in range(len(self.chunks)):
+            total.add_(self._chunk_hvp(i, tangents), alpha=self.weights[i])
         self.num_matvecs += 1
         if not torch.isfinite(total).all():
             raise NonFiniteCurvatureError("A Hessian-vector product is not finite.")
@@ -223,10 +235,10 @@ class HessianOperator:
 
     __call__ = matvec
 
-    def _chunk_hvp(self, i: int, chunk: Any, tangents: list[Tensor]) -> Tensor:
+    def _chunk_hvp(self, i: int, tangents: list[Tensor]) -> Tensor:
         if self.method == "forward_over_reverse":
             try:
-                return self._forward_over_reverse(chunk, tangents)
+                return self._forward_over_reverse(i, tangents)
             except RuntimeError as err:
                 warnings.warn(
                     f"Forward-over-reverse HVP failed ({err}); falling back to double "
@@ -236,17 +248,24 @@ class HessianOperator:
                 )
                 self.method = "double_backward"
         graphs = self._graphs_or_none()
-        grads = graphs[i][1] if graphs is not None else self._first_order(chunk)[1]
+        grads = graphs[i][1] if graphs is not None else self._first_order(i)[1]
+        used = [j for j, g in enumerate(grads) if g.requires_grad]
+        if not used:  # the loss is linear in every parameter
+            return torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         hvp = torch.autograd.grad(
-            grads, self.params, grad_outputs=tangents, retain_graph=graphs is not None
+            [grads[j] for j in used],
+            self.params,
+            grad_outputs=[tangents[j] for j in used],
+            retain_graph=graphs is not None,
+            allow_unused=True,
         )
-        return flatten(hvp)
+        return flatten([torch.zeros_like(p) if h is None else h for p, h in zip(self.params, hvp)])
 
-    def _forward_over_reverse(self, chunk: Any, tangents: list[Tensor]) -> Tensor:
+    def _forward_over_reverse(self, index: int, tangents: list[Tensor]) -> Tensor:
         wrapper = _LossModule(self.model, self.loss_fn)
         names = {id(p): n for n, p in wrapper.named_parameters()}
         keys = [names[id(p)] for p in self.params]
-        batch = self._prepare(chunk)
+        batch = self._prepare(self.chunks[index])
 
         def loss_of(primals: dict[str, Tensor]) -> Tensor:
             with self._no_autocast():
@@ -254,5 +273,7 @@ class HessianOperator:
 
         primals = {k: p.detach() for k, p in zip(keys, self.params)}
         tangent = dict(zip(keys, tangents))
-        _, hvp = torch.func.jvp(torch.func.grad(loss_of), (primals,), (tangent,))
+        with preserved_rng(self.model):
+            torch.manual_seed(self.seed + index)
+            _, hvp = torch.func.jvp(torch.func.grad(loss_of), (primals,), (tangent,))
         return flatten([hvp[k] for k in keys])

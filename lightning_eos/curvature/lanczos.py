@@ -17,7 +17,13 @@ Some eigenvalue lies within the residual of :math:`\\theta` (Bauer-Fike), and wi
 distance from :math:`\\theta` to the nearest interval :math:`[\\theta_j - r_j, \\theta_j + r_j]`
 of another Ritz value; in the first two steps, before the Ritz values resolve the rest of
 the spectrum, it uses :math:`r` alone. It never stops on
-the change of the estimate between steps.
+the change of the estimate between steps. The quadratic estimate is not a bound: an
+eigenvalue close to the top that Lanczos has not yet resolved makes :math:`\\delta` too
+large. ``stop_rule="residual"`` stops on :math:`r \\le` ``tol`` :math:`|\\theta|` instead,
+which guarantees an eigenvalue within that distance (at the price of more products).
+
+From one start vector, Lanczos sees one direction per eigenspace: an exactly repeated
+eigenvalue (e.g. a linear model with several MSE outputs) is reported once.
 
 Full reorthogonalization (classical Gram-Schmidt, twice) keeps :math:`Q_m` orthonormal,
 so no ghost copies of converged eigenvalues appear. The ordering is by algebraic value:
@@ -39,6 +45,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -46,6 +53,7 @@ from torch import Tensor
 from lightning_eos.curvature.hessian import NonFiniteCurvatureError
 
 MatVec = Callable[[Tensor], Tensor]
+StopRule = Literal["gap", "residual"]
 
 
 @dataclass
@@ -93,6 +101,7 @@ def lanczos(
     max_iter: int = 100,
     restart_extra: int = 2,
     restart_window: float = 0.1,
+    stop_rule: StopRule = "gap",
     generator: torch.Generator | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
@@ -111,9 +120,11 @@ def lanczos(
             crossings.
         restart_window: relative distance below the ``k``-th Ritz value within which the
             extra Ritz vectors get a positive weight.
+        stop_rule: ``"gap"`` (estimate :math:`\\min(r, r^2/\\delta)`) or ``"residual"``
+            (the rigorous :math:`r`).
         generator: CPU generator for the random start (default: seeded with 0).
-        dtype: working dtype of the basis (default: the matrix's, ``init``'s,
-            ``operator.dtype`` or float32).
+        dtype: working dtype of the basis (default: the matrix's or ``operator.dtype``,
+            else ``init``'s, else float32).
         device: working device (same defaults as ``dtype``).
 
     Returns:
@@ -135,12 +146,16 @@ def lanczos(
     else:
         matvec = operator
         dim = dim if dim is not None else getattr(operator, "dim", None)
-        dtype = dtype or (init.dtype if init is not None else getattr(operator, "dtype", None))
-        device = device or (init.device if init is not None else getattr(operator, "device", None))
+        dtype = dtype or getattr(operator, "dtype", None)
+        device = device or getattr(operator, "device", None)
+    if init is not None:  # a warm start saved on another device (resume) follows the operator
+        dtype, device = dtype or init.dtype, device or init.device
     if dim is None and init is not None:
         dim = init.shape[-1]
     if dim is None:
         raise ValueError("Cannot infer the operator's dimension; pass `dim`.")
+    if stop_rule not in ("gap", "residual"):
+        raise ValueError(f"stop_rule={stop_rule!r}; choose 'gap' or 'residual'.")
     if not 1 <= k <= dim:
         raise ValueError(f"k={k} must be between 1 and the dimension {dim}.")
     dtype, device = dtype or torch.float32, torch.device(device or "cpu")
@@ -179,14 +194,15 @@ def lanczos(
         theta, s = torch.linalg.eigh(t)
         theta, s = theta.flip(0), s.flip(1)  # descending
         residuals = beta * s[-1].abs()
-        if m >= 3:
+        if m >= 3 and stop_rule == "gap":
             # Distance to the intervals where the other Ritz values' eigenvalues may lie.
             # With two steps the second Ritz value lumps the whole rest of the spectrum
             # together and overstates the gap, so the quadratic bound waits for a third.
             gaps = (theta[:, None] - theta[None, :]).abs() - residuals[None, :]
             gaps.fill_diagonal_(float("inf"))
             gap = gaps.min(1).values.clamp_min(0.0)
-            errors = torch.minimum(residuals, residuals**2 / gap)
+            quadratic = torch.where(residuals > 0, residuals**2 / gap, torch.zeros_like(gap))
+            errors = torch.minimum(residuals, quadratic)
         else:
             errors = residuals.clone()
         scale = theta.abs().clamp_min(torch.finfo(dtype).eps * max(theta.abs().max().item(), 1e-30))
