@@ -83,6 +83,8 @@ def test_forward_over_reverse_is_exact_or_falls_back(kind, loss):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the documented fallback may warn
         torch.testing.assert_close(op.matvec(v), dense @ v)
+    if loss == "ce":  # forward-over-reverse really runs here (MSE falls back in torch 2.14)
+        assert op.method == "forward_over_reverse"
 
 
 def test_gradient_and_loss_match_the_full_batch():
@@ -103,17 +105,22 @@ def test_non_finite_loss_raises():
 
 
 def test_measurement_context_restores_buffers_modes_and_rng():
+    import random
+
+    import numpy as np
+
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=None), nn.Dropout(0.5))
     model.train()
     model[2].eval()  # a user-set mode must survive too
     before = [b.clone() for b in model.buffers()]
-    rng = torch.get_rng_state()
+    rng = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
     with measurement_context(model):
         assert model.training and not model[2].training
         model(torch.randn(8, 3))
-        torch.rand(5)
+        torch.rand(5), random.random(), np.random.rand()
     assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
-    assert torch.equal(rng, torch.get_rng_state())
+    assert torch.equal(rng[0], torch.get_rng_state())
+    assert rng[1] == random.getstate() and np.array_equal(rng[2], np.random.get_state()[1])
     assert model.training and model[1].training and not model[2].training
 
 
@@ -147,3 +154,52 @@ def test_forward_over_reverse_falls_back_with_a_warning():
         hv = op.matvec(v)
     assert op.method == "double_backward"
     torch.testing.assert_close(hv, dense @ v)
+
+
+def test_unused_parameters_get_zero_curvature():
+    class WithUnused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.unused = tiny_mlp(), nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.net(x)
+
+    torch.manual_seed(0)
+    model, loss_fn, batch = WithUnused().double(), mse, tiny_data("mlp", "mse")
+    op = HessianOperator(model, loss_fn, rechunk([batch], None, 5))
+    v = torch.randn(op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    dense = dense_hessian(model, loss_fn, batch)  # zero rows and columns for `unused`
+    torch.testing.assert_close(op.matvec(v), dense @ v)
+    n_used = sum(p.numel() for p in model.net.parameters())
+    assert torch.count_nonzero(op.matvec(v)[n_used:]) == 0
+
+
+def test_random_forward_is_replayed_so_products_are_one_matrix():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = tiny_data("mlp", "mse")
+
+    def noisy(m, b):  # functional dropout is not a module: measurement_context cannot see it
+        h = torch.nn.functional.dropout(m[1](m[0](b[0])), p=0.5, training=True)
+        return ((m[2](h) - b[1]) ** 2).mean()
+
+    op = HessianOperator(net, noisy, rechunk([(x, y)], None, 4))
+    v = torch.randn(op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    state = torch.get_rng_state()
+    assert torch.equal(op.matvec(v), op.matvec(v))
+    assert torch.equal(state, torch.get_rng_state())
+    # and the operator is symmetric, as one Hessian must be
+    w = torch.randn(op.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    assert torch.dot(w, op.matvec(v)).item() == pytest.approx(torch.dot(v, op.matvec(w)).item())
+
+
+def test_measurement_context_keeps_frozen_submodules_frozen():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.5))
+    model.train()
+    model[1].eval()  # frozen BatchNorm: the training loss uses running statistics
+    with measurement_context(model, mode="train"):
+        assert model[0].training and not model[1].training and not model[2].training
+    with measurement_context(model, mode="eval"):
+        assert not any(m.training for m in model.modules())
+    assert model[0].training and not model[1].training and model[2].training

@@ -74,3 +74,27 @@ def test_matvec_callable_float32_follows_dtype():
     result = lanczos(lambda v: a @ v, k=1, dim=30)
     assert result.eigenvalues.dtype == torch.float32
     assert result.eigenvalues[0].item() == pytest.approx(2.0, rel=1e-4)
+
+
+def test_identity_converges_without_nan():
+    result = lanczos(torch.eye(10, dtype=torch.float64), k=3)
+    assert result.converged and torch.isfinite(result.error_estimates).all()
+    torch.testing.assert_close(result.eigenvalues[:1], torch.ones(1, dtype=torch.float64))
+
+
+def test_residual_stop_rule_is_a_bound_where_the_gap_estimate_is_not():
+    # an unresolved eigenvalue 1% below the top makes the gap estimate optimistic
+    spectrum = torch.cat(
+        [torch.tensor([10.0, 9.9]), torch.rand(100, generator=torch.Generator().manual_seed(0))]
+    )
+    a = _symmetric(spectrum)
+    _, q = torch.linalg.eigh(a)
+    init = (
+        q[:, -1]
+        + 0.3 * q[:, -2]
+        + 0.05 * torch.randn(102, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    )
+    for tol in (1e-3, 1e-4, 1e-6):
+        result = lanczos(a, k=1, tol=tol, init=init, stop_rule="residual")
+        assert result.converged
+        assert abs(result.eigenvalues[0].item() - 10.0) <= tol * 10.0 * (1 + 1e-9)

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchmetrics
+from conftest import dense_hessian
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from lightning_eos.callbacks import SharpnessMonitor
-from lightning_eos.callbacks._measurement_set import measurement_chunks
-from lightning_eos.curvature import HessianOperator, measurement_context
 from lightning_eos.data import DigitsDataModule
 from lightning_eos.thresholds import UnsupportedOptimizerError
 
@@ -30,17 +30,48 @@ class BNDropoutNet(L.LightningModule):
             nn.Linear(64, 32), nn.BatchNorm1d(32), nn.Tanh(), nn.Dropout(dropout), nn.Linear(32, 10)
         )
         self.optimizer = optimizer
+        self.accuracy = torchmetrics.Accuracy(task="multiclass", num_classes=10)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = F.cross_entropy(self.net(x), y)
+        logits = self.net(x)
+        loss = F.cross_entropy(logits, y)
+        self.accuracy(logits, y)
         self.log("train_loss", loss)
+        self.log("train_acc", self.accuracy)
         return {"loss": loss}
 
     def configure_optimizers(self):
         if self.optimizer == "adam":
             return torch.optim.Adam(self.parameters(), lr=1e-3)
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+class NoisyNet(BNDropoutNet):
+    """Draws from every RNG a training step can touch: torch, NumPy, Python."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = F.dropout(self.net[:3](x), p=0.1, training=self.training)  # functional dropout
+        logits = self.net[3:](h)
+        loss = F.cross_entropy(logits, y) * (1 + 1e-3 * np.random.rand() + 1e-3 * random.random())
+        self.accuracy(logits, y)
+        self.log("train_loss", loss)
+        return loss
+
+
+class AugmentedDigits(torch.utils.data.Dataset):
+    """Digits with random noise added in __getitem__, drawn from the global torch RNG."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return x + 0.1 * torch.randn_like(x), y
 
 
 def _trainer(tmp_path: Path | None = None, callbacks=(), max_steps=12, **kwargs) -> L.Trainer:
@@ -67,20 +98,33 @@ def _digits(batch_size=32):
     )
 
 
-def _fit(monitor: SharpnessMonitor | None, max_steps: int = 12):
+def _fit(monitor, max_steps=12, model_fn=BNDropoutNet, data_fn=None, **kwargs):
     L.seed_everything(0, verbose=False)
-    model = BNDropoutNet()
-    trainer = _trainer(callbacks=[monitor] if monitor else [], max_steps=max_steps)
-    trainer.fit(model, _digits())
+    model = model_fn()
+    trainer = _trainer(callbacks=[monitor] if monitor else [], max_steps=max_steps, **kwargs)
+    trainer.fit(model, (data_fn or _digits)())
     rng = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
     return model, trainer.optimizers[0], rng
 
 
+def _augmented_loader():
+    dm = _digits()
+    dm.setup()
+    return torch.utils.data.DataLoader(AugmentedDigits(dm.train_set), batch_size=32, shuffle=True)
+
+
 def test_monitor_does_not_perturb_training_bit_for_bit():
+    # BatchNorm, module and functional dropout, torchmetrics, NumPy and Python RNG in the
+    # step, random augmentation in the dataset, shuffling, gradient accumulation
+    def fit(monitor):
+        return _fit(
+            monitor, model_fn=NoisyNet, data_fn=_augmented_loader, accumulate_grad_batches=2
+        )
+
     monitor = SharpnessMonitor(every_n_steps=3, top_k=2, num_samples=64, chunk_size=24)
-    with_model, with_opt, with_rng = _fit(monitor)
+    with_model, with_opt, with_rng = fit(monitor)
     assert [h["step"] for h in monitor.history] == [0, 3, 6, 9, 12]
-    without_model, without_opt, without_rng = _fit(None)
+    without_model, without_opt, without_rng = fit(None)
 
     for (name, a), b in zip(with_model.state_dict().items(), without_model.state_dict().values()):
         assert torch.equal(a, b), name  # parameters and BatchNorm buffers
@@ -91,10 +135,28 @@ def test_monitor_does_not_perturb_training_bit_for_bit():
     assert torch.equal(with_rng[0], without_rng[0])
     assert with_rng[1] == without_rng[1]
     assert np.array_equal(with_rng[2], without_rng[2])
+    assert torch.equal(with_model.accuracy.compute(), without_model.accuracy.compute())
 
 
-def test_logged_sharpness_matches_scipy_on_the_measurement_set(tmp_path):
-    scipy_linalg = pytest.importorskip("scipy.sparse.linalg")
+def _reference_eigenvalues(model, x, y, indices, chunk_size, mode, k=3):
+    """Float64 dense Hessian of the chunk-weighted loss, written independently of the library."""
+    ref = copy.deepcopy(model).double()
+    if mode == "train":
+        ref.train()
+        ref.net[3].eval()  # dropout off, BatchNorm on batch statistics
+    else:
+        ref.eval()
+    x, y = x[indices].double(), y[indices]
+    bounds = [(s, min(s + chunk_size, len(indices))) for s in range(0, len(indices), chunk_size)]
+
+    def loss_fn(net, batch):
+        return sum((b - a) / len(indices) * F.cross_entropy(net(x[a:b]), y[a:b]) for a, b in bounds)
+
+    hessian = dense_hessian(ref.net, loss_fn, None)
+    return torch.linalg.eigvalsh(hessian).flip(0)[:k].numpy()
+
+
+def test_logged_sharpness_matches_a_dense_float64_reference(tmp_path):
     monitor = SharpnessMonitor(every_n_steps=4, top_k=3, num_samples=100, chunk_size=30, tol=1e-6)
     logger = CSVLogger(tmp_path, name="run")
     L.seed_everything(0, verbose=False)
@@ -107,34 +169,68 @@ def test_logged_sharpness_matches_scipy_on_the_measurement_set(tmp_path):
     with open(Path(logger.log_dir) / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("eos/sharpness")]
     assert [int(r["step"]) for r in rows] == [0, 4, 8]
+    keys = (
+        "eos/sharpness",
+        "eos/eig_2",
+        "eos/eig_3",
+        "eos/threshold",
+        "eos/sharpness_ratio",
+        "eos/lanczos_iters",
+    )
     for row, record in zip(rows, monitor.history):
-        for key in (
-            "eos/sharpness",
-            "eos/eig_2",
-            "eos/eig_3",
-            "eos/threshold",
-            "eos/sharpness_ratio",
-            "eos/lanczos_iters",
-        ):
+        for key in keys:
             assert float(row[key]) == pytest.approx(record[key], rel=1e-6)
     assert float(rows[-1]["eos/threshold"]) == pytest.approx((2 + 2 * 0.9) / 0.05)
 
-    # independent float64 reference on the same chunks, train-mode BN, dropout off
-    reference_model = copy.deepcopy(model).double()
-    chunks = measurement_chunks(dm.train_dataloader(), 100, 30, seed=0)
-    chunks = [(x.double(), y) for x, y in chunks]
-    loss_fn = lambda m, b: F.cross_entropy(m.net(b[0]), b[1])  # noqa: E731
-    with measurement_context(reference_model):
-        op = HessianOperator(reference_model, loss_fn, chunks)
-        linear = scipy_linalg.LinearOperator(
-            (op.dim, op.dim),
-            matvec=lambda v: op.matvec(torch.from_numpy(v)).numpy(),
-            dtype=np.float64,
-        )
-        exact = np.sort(scipy_linalg.eigsh(linear, k=3, which="LA", tol=1e-10)[0])[::-1]
+    # the documented measurement set: a seed-0 subset of 100 in dataset order, chunks of 30
+    x, y = dm.train_set.tensors
+    indices = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:100].sort().values
+    exact = _reference_eigenvalues(model, x, y, indices, 30, "train")
     last = monitor.history[-1]
     measured = [last["eos/sharpness"], last["eos/eig_2"], last["eos/eig_3"]]
     np.testing.assert_allclose(measured, exact, rtol=1e-4)
+
+
+def test_eval_mode_on_a_given_dataloader_matches_its_reference():
+    L.seed_everything(0, verbose=False)
+    dm = _digits()
+    dm.setup()
+    x, y = dm.val_set.tensors  # measure on held-out data instead of the training set
+    loader = torch.utils.data.DataLoader(dm.val_set, batch_size=20)
+    train_mode = SharpnessMonitor(every_n_steps=5, top_k=2, dataloader=loader, tol=1e-6)
+    eval_mode = SharpnessMonitor(every_n_steps=5, top_k=2, dataloader=loader, mode="eval", tol=1e-6)
+    assert train_mode.state_key != eval_mode.state_key
+    model = BNDropoutNet()
+    _trainer(callbacks=[train_mode, eval_mode], max_steps=5).fit(model, dm)
+    everything = torch.arange(len(x))
+    for monitor, mode in ((train_mode, "train"), (eval_mode, "eval")):
+        exact = _reference_eigenvalues(model, x, y, everything, 20, mode, k=2)
+        last = monitor.history[-1]
+        np.testing.assert_allclose([last["eos/sharpness"], last["eos/eig_2"]], exact, rtol=1e-4)
+    # BatchNorm makes the two losses different functions
+    assert (
+        abs(train_mode.history[-1]["eos/sharpness"] / eval_mode.history[-1]["eos/sharpness"] - 1)
+        > 1e-3
+    )
+
+
+def test_gradient_accumulation_measures_after_optimizer_steps_only():
+    monitor = SharpnessMonitor(every_n_steps=2, measure_at_start=False)
+    _fit(monitor, max_steps=6, accumulate_grad_batches=3)
+    assert [h["step"] for h in monitor.history] == [2, 4, 6]
+
+
+def test_iterable_training_data_is_read_afresh():
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            g = torch.Generator().manual_seed(0)
+            for _ in range(1000):
+                yield torch.randn(64, generator=g), int(torch.randint(0, 10, (), generator=g))
+
+    monitor = SharpnessMonitor(every_n_steps=2, num_samples=50, chunk_size=20)
+    _fit(monitor, max_steps=4, data_fn=lambda: torch.utils.data.DataLoader(Stream(), batch_size=16))
+    assert [h["step"] for h in monitor.history] == [0, 2, 4]
+    assert [len(c[1]) for c in monitor._chunks] == [20, 20, 10]
 
 
 def test_resume_logs_the_same_sharpness(tmp_path):

@@ -41,6 +41,17 @@ def _cuda_devices(model: nn.Module | None) -> list[int]:
     return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
 
 
+def seed_all(seed: int) -> None:
+    """Seed torch (all devices), Python's ``random`` and NumPy; use inside :func:`preserved_rng`."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        return
+    np.random.seed(seed % 2**32)
+
+
 @contextmanager
 def preserved_rng(model: nn.Module | None = None) -> Iterator[None]:
     """Restore torch's (CPU and ``model``'s CUDA devices), Python's and NumPy's RNG on exit.

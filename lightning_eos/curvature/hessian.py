@@ -11,7 +11,8 @@ the mean loss over the set and its Hessian are
 
 so a short last chunk gets its true weight instead of a full chunk's. Only one chunk's
 graph lives at a time, so memory is bounded by one chunk. Every evaluation of chunk
-:math:`c` replays the same random stream (seeded with ``seed + c`` inside a forked RNG),
+:math:`c` replays the same random streams (torch, ``random`` and NumPy seeded with
+``seed + c`` inside a forked RNG),
 so randomness drawn in ``forward`` (functional or attention dropout) is the same in every
 product and Lanczos sees one matrix; the caller's RNG state is left untouched.
 Parameters the loss does not use have zero rows and columns. When the whole set is one
@@ -38,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_eos.curvature._batches import batch_size
-from lightning_eos.curvature.context import preserved_rng
+from lightning_eos.curvature.context import preserved_rng, seed_all
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 HVPMethod = Literal["double_backward", "forward_over_reverse"]
@@ -172,7 +173,7 @@ class HessianOperator:
 
     def _chunk_loss(self, index: int) -> Tensor:
         with preserved_rng(self.model), self._no_autocast():
-            torch.manual_seed(self.seed + index)
+            seed_all(self.seed + index)
             loss = self.loss_fn(self.model, self._prepare(self.chunks[index]))
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise TypeError("loss_fn must return a scalar tensor (the mean loss of the chunk).")
@@ -274,6 +275,6 @@ class HessianOperator:
         primals = {k: p.detach() for k, p in zip(keys, self.params)}
         tangent = dict(zip(keys, tangents))
         with preserved_rng(self.model):
-            torch.manual_seed(self.seed + index)
+            seed_all(self.seed + index)
             _, hvp = torch.func.jvp(torch.func.grad(loss_of), (primals,), (tangent,))
         return flatten([hvp[k] for k in keys])
