@@ -310,3 +310,11 @@ def test_state_dict_round_trip():
 def test_bad_arguments_fail_at_construction(kwargs):
     with pytest.raises(ValueError):
         SharpnessMonitor(**kwargs)
+
+
+def test_several_training_loaders_need_an_explicit_dataloader():
+    from lightning_eos.callbacks._measurement_set import measurement_chunks
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 2)))
+    with pytest.raises(TypeError, match="dataloader="):
+        measurement_chunks({"a": loader, "b": loader}, None, None, seed=0)
