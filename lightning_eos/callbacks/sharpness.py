@@ -174,7 +174,7 @@ class SharpnessMonitor(Callback):
         if self.measure_at_start:
             self._maybe_measure(trainer, pl_module)
         elif self._last_step is None:
-            self._last_step = trainer.global_step  # not when accumulation reaches batch end
+            self._last_step = trainer.global_step  # step 0 is not measured at batch end either
 
     @override
     def on_train_batch_end(
