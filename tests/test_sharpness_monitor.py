@@ -318,3 +318,13 @@ def test_several_training_loaders_need_an_explicit_dataloader():
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 2)))
     with pytest.raises(TypeError, match="dataloader="):
         measurement_chunks({"a": loader, "b": loader}, None, None, seed=0)
+
+
+def test_sharded_strategies_are_refused_at_setup():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    trainer = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(ValueError, match="FSDPStrategy"):
+        SharpnessMonitor().setup(trainer, BNDropoutNet(), "fit")

@@ -21,8 +21,15 @@ def measurement_chunks(
     num_samples: int | None,
     chunk_size: int | None,
     seed: int,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> list[Any]:
-    """The measurement set as chunks of ``chunk_size`` samples (last one possibly shorter).
+    """The chunks of the measurement set that belong to ``rank`` (``chunk_size`` samples).
+
+    The set is split into chunks exactly as in one process, and chunk ``j`` belongs to
+    rank ``j mod world_size``: the union over ranks is the single-process set, each sample
+    once, whatever the world size and however unevenly it divides (no sampler padding is
+    involved). BatchNorm statistics are per chunk, so even they match one process.
 
     For a map-style dataset the samples are chosen by index: all of them, or a
     ``seed``-ed random subset of ``num_samples``, kept in dataset order and collated with
@@ -43,7 +50,7 @@ def measurement_chunks(
             if num_samples is None:
                 raise ValueError("An iterable dataset needs `num_samples` to bound the set.")
             fresh = DataLoader(dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn)
-            return rechunk(iter(fresh), num_samples, chunk_size)
+            return rechunk(iter(fresh), num_samples, chunk_size)[rank::world_size]
         n = len(dataset)
         if num_samples is None or num_samples >= n:
             indices = list(range(n))
@@ -51,9 +58,10 @@ def measurement_chunks(
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
             indices = sorted(perm[:num_samples].tolist())
         size = chunk_size or len(indices)
+        starts = range(0, len(indices), size)[rank::world_size]
         return [
             loader.collate_fn([dataset[i] for i in indices[start : start + size]])
-            for start in range(0, len(indices), size)
+            for start in starts
         ]
 
 

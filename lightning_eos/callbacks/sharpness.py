@@ -6,7 +6,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
@@ -31,6 +33,12 @@ from lightning_eos.thresholds import stability_threshold
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.clone()
+    dist.all_reduce(tensor)
+    return tensor
 
 
 class SharpnessMonitor(Callback):
@@ -144,6 +152,16 @@ class SharpnessMonitor(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        strategy = trainer.strategy
+        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+            raise ValueError(
+                f"{type(self).__name__} supports single-device training and DDP (strategy="
+                "'ddp', 'ddp_spawn', 'ddp_find_unused_parameters_true'), not "
+                f"{type(strategy).__name__}: its parameters are sharded or replaced, so "
+                "Hessian-vector products of the module are not the model's. For sharded "
+                "parameters, HessianOperator(method='finite_difference') on gathered "
+                "parameters is the building block."
+            )
         if self.loss_fn is None and not pl_module.automatic_optimization:
             raise ValueError(
                 f"{type(self).__name__} cannot call training_step under manual optimization; "
@@ -171,6 +189,10 @@ class SharpnessMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size > 1:  # every rank continues rank 0's warm start after a resume
+            self._warm_start, self._last_step = trainer.strategy.broadcast(
+                (self._warm_start, self._last_step), src=0
+            )
         if self.measure_at_start:
             self._maybe_measure(trainer, pl_module)
         elif self._last_step is None:
@@ -210,7 +232,14 @@ class SharpnessMonitor(Callback):
             loader = self.dataloader or trainer.train_dataloader
             if loader is None:
                 raise ValueError(f"{type(self).__name__} found no training data to measure on.")
-            self._chunks = measurement_chunks(loader, self.num_samples, self.chunk_size, self.seed)
+            self._chunks = measurement_chunks(
+                loader,
+                self.num_samples,
+                self.chunk_size,
+                self.seed,
+                rank=trainer.global_rank,
+                world_size=trainer.world_size,
+            )
         return self._chunks
 
     def _threshold_now(self, trainer: Trainer) -> float | None:
@@ -231,6 +260,7 @@ class SharpnessMonitor(Callback):
                     method=self.hvp_method,
                     prepare_chunk=trainer.strategy.batch_to_device,
                     seed=self.seed,
+                    reduce=_all_reduce_sum if trainer.world_size > 1 else None,
                 )
                 result = lanczos(
                     operator,

@@ -14,6 +14,10 @@
   the same random stream for every product. ``mode="eval"`` measures the loss of the
   whole model in eval mode (running statistics), which for BatchNorm networks is a
   different function.
+* **SyncBatchNorm** layers normalize each chunk with the chunk's own statistics during a
+  measurement, like plain BatchNorm: their cross-process statistics have no double
+  backward and would need every process to run its chunks in lockstep. Chunks of the
+  per-process batch size therefore measure the loss that plain BatchNorm trains on.
 * **Random streams** of torch (CPU and the model's accelerator), Python's ``random`` and
   NumPy are saved and restored (:func:`preserved_rng`), so anything drawn inside leaves
   the training run's generators where they were.
@@ -24,12 +28,14 @@
 from __future__ import annotations
 
 import random
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Literal
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 from torch.nn.modules.dropout import _DropoutNd
 
 MeasurementMode = Literal["train", "eval"]
@@ -78,6 +84,21 @@ def preserved_rng(model: nn.Module | None = None) -> Iterator[None]:
             np.random.set_state(numpy_state)
 
 
+def _local_batch_norm(self: nn.SyncBatchNorm, x: Tensor) -> Tensor:
+    # BatchNorm's math on this process's chunk; buffers are restored by the context
+    use_batch_stats = self.training or self.running_mean is None
+    return F.batch_norm(
+        x,
+        self.running_mean if not self.training or self.track_running_stats else None,
+        self.running_var if not self.training or self.track_running_stats else None,
+        self.weight,
+        self.bias,
+        use_batch_stats,
+        0.0 if self.momentum is None else self.momentum,
+        self.eps,
+    )
+
+
 @contextmanager
 def measurement_context(model: nn.Module, mode: MeasurementMode = "train") -> Iterator[None]:
     """Put ``model`` in measurement mode and restore buffers, modes and RNG on exit.
@@ -100,8 +121,13 @@ def measurement_context(model: nn.Module, mode: MeasurementMode = "train") -> It
             for module in model.modules():
                 if isinstance(module, _DropoutNd):
                     module.eval()
+                if isinstance(module, nn.SyncBatchNorm):
+                    module.forward = types.MethodType(_local_batch_norm, module)
             yield
         finally:
+            for module in model.modules():
+                if isinstance(module, nn.SyncBatchNorm):
+                    del module.forward
             with torch.no_grad():
                 for buffer, saved in buffers:
                     buffer.copy_(saved)

@@ -19,13 +19,28 @@ Parameters the loss does not use have zero rows and columns. When the whole set 
 chunk, the first-order graph :math:`\\nabla L` is built once and every product is one
 extra backward pass through it (``reuse_graph``).
 
-Two ways to compute :math:`Hv`:
+Several processes (DDP): with a ``reduce`` hook that sums a tensor over processes, each
+process holds its own chunks, the sample count :math:`N` is summed once, and every
+product, gradient and loss is the sum of the local weighted terms, so uneven shards stay
+exact. A non-finite value on one process turns its local term into NaNs instead of
+raising, so the reduced result is NaN on every process and all of them raise
+:class:`NonFiniteCurvatureError` together, after the same collective (no deadlock).
+
+Three ways to compute :math:`Hv`:
 
 * ``"double_backward"`` (reverse-over-reverse): :math:`\\nabla_\\theta (\\nabla L \\cdot v)`;
   works for every model with twice-differentiable ops.
 * ``"forward_over_reverse"``: ``torch.func.jvp`` of ``torch.func.grad``. Some models
   make it raise (torch 2.14 with tanh + MSE: "ZeroTensors are immutable"); the operator
   then warns once and falls back to double backward for good.
+* ``"finite_difference"``: the central difference
+  :math:`(\\nabla L(\\theta+\\varepsilon v) - \\nabla L(\\theta-\\varepsilon v))/2\\varepsilon`,
+  two first-order gradients and no second-order graph, for sharded parameters (FSDP)
+  and kernels without double backward. Its error is :math:`O(\\varepsilon^2)` from the
+  third derivative plus :math:`O(u/\\varepsilon)` from rounding (:math:`u` the unit
+  roundoff); the default :math:`\\varepsilon` is :math:`u^{1/3}` times
+  :math:`\\max(1, \\lVert\\theta\\rVert/\\sqrt{n})`. The parameters are restored
+  bit for bit afterwards.
 """
 
 from __future__ import annotations
@@ -42,7 +57,8 @@ from lightning_eos.curvature._batches import batch_size
 from lightning_eos.curvature.context import preserved_rng, seed_all
 
 LossFn = Callable[[nn.Module, Any], Tensor]
-HVPMethod = Literal["double_backward", "forward_over_reverse"]
+HVPMethod = Literal["double_backward", "forward_over_reverse", "finite_difference"]
+Reduce = Callable[[Tensor], Tensor]
 
 
 class NonFiniteCurvatureError(FloatingPointError):
@@ -88,6 +104,10 @@ class HessianOperator:
         num_samples_fn: the number of samples of a chunk (default: leading dimension of
             its first tensor).
         seed: seed of the random stream replayed for each chunk.
+        reduce: sums a tensor over processes (e.g. an all-reduce); every process must
+            build the operator and call each method the same number of times. ``chunks``
+            may be empty on a process then.
+        fd_eps: the finite-difference step (default: see the module docstring).
 
     The loss is evaluated in float32 semantics with autocast disabled, whatever the
     ambient precision context.
@@ -124,12 +144,15 @@ class HessianOperator:
         prepare_chunk: Callable[[Any], Any] | None = None,
         num_samples_fn: Callable[[Any], int] = batch_size,
         seed: int = 0,
+        reduce: Reduce | None = None,
+        fd_eps: float | None = None,
     ) -> None:
-        if not chunks:
+        if not chunks and reduce is None:
             raise ValueError("The measurement set has no chunks.")
-        if method not in ("double_backward", "forward_over_reverse"):
+        if method not in ("double_backward", "forward_over_reverse", "finite_difference"):
             raise ValueError(
-                f"method={method!r}; choose 'double_backward' or 'forward_over_reverse'."
+                f"method={method!r}; choose 'double_backward', 'forward_over_reverse' or "
+                "'finite_difference'."
             )
         self.model = model
         self.loss_fn = loss_fn
@@ -140,12 +163,20 @@ class HessianOperator:
             else [p for p in model.parameters() if p.requires_grad]
         )
         self.method: HVPMethod = method
-        self.reuse_graph = len(self.chunks) == 1 if reuse_graph is None else reuse_graph
+        if reuse_graph is None:  # finite differences never need a second-order graph
+            reuse_graph = len(self.chunks) == 1 and method != "finite_difference"
+        self.reuse_graph = reuse_graph
         self._prepare = prepare_chunk or (lambda chunk: chunk)
         self.seed = seed
+        self.reduce = reduce
+        self.fd_eps = fd_eps
         counts = [num_samples_fn(c) for c in self.chunks]
-        total = sum(counts)
-        self.num_samples = total
+        total = float(sum(counts))
+        if reduce is not None:
+            total = float(reduce(torch.tensor([total], dtype=torch.float64, device=self.device)))
+        if total <= 0:
+            raise ValueError("The measurement set has no samples.")
+        self.num_samples = int(total)
         self.weights = [n / total for n in counts]
         self.num_matvecs = 0
         self._graphs: list[tuple[Tensor, list[Tensor]]] | None = None
@@ -196,42 +227,76 @@ class HessianOperator:
             self._graphs = [self._first_order(i) for i in range(len(self.chunks))]
         return self._graphs
 
+    def _reduced(self, local_sum: Callable[[], Tensor], size: int) -> Tensor:
+        """Sum of the local weighted terms over processes; NaN everywhere if any failed."""
+        try:
+            local = local_sum()
+            error = None
+        except NonFiniteCurvatureError as err:
+            if self.reduce is None:
+                raise
+            local = torch.full((size,), float("nan"), dtype=self.dtype, device=self.device)
+            error = err
+        total = local if self.reduce is None else self.reduce(local)
+        if not torch.isfinite(total).all():
+            where = f" ({error})" if error is not None else ""
+            raise NonFiniteCurvatureError(f"A measurement value is not finite{where}.")
+        return total
+
     def loss(self) -> float:
         """The mean loss over the measurement set."""
         if self._loss is None:
-            graphs = self._graphs_or_none()
-            if graphs is not None:
-                losses = [g[0] for g in graphs]
-            else:
-                with torch.no_grad():
-                    losses = [self._chunk_loss(i) for i in range(len(self.chunks))]
-            self._loss = float(sum(w * loss.double() for w, loss in zip(self.weights, losses)))
+
+            def local_sum() -> Tensor:
+                graphs = self._graphs_or_none()
+                if graphs is not None:
+                    losses = [g[0] for g in graphs]
+                else:
+                    with torch.no_grad():
+                        losses = [self._chunk_loss(i) for i in range(len(self.chunks))]
+                total = torch.zeros(1, dtype=self.dtype, device=self.device)
+                for w, loss in zip(self.weights, losses):
+                    total.add_(loss.detach().reshape(1), alpha=w)
+                return total
+
+            self._loss = float(self._reduced(local_sum, 1))
         return self._loss
 
     def gradient(self) -> Tensor:
         """The flat gradient :math:`\\nabla L` of the mean loss over the measurement set."""
-        graphs = self._graphs_or_none()
-        total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
-        for i in range(len(self.chunks)):
-            if graphs is not None:
-                grads = [g.detach() for g in graphs[i][1]]
-            else:
-                grads = self._first_order(i, create_graph=False)[1]
-            total.add_(flatten(grads), alpha=self.weights[i])
-        return total
+
+        def local_sum() -> Tensor:
+            graphs = self._graphs_or_none()
+            total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+            for i in range(len(self.chunks)):
+                if graphs is not None:
+                    grads = [g.detach() for g in graphs[i][1]]
+                else:
+                    grads = self._first_order(i, create_graph=False)[1]
+                total.add_(flatten(grads), alpha=self.weights[i])
+            return total
+
+        return self._reduced(local_sum, self.dim)
 
     def matvec(self, v: Tensor) -> Tensor:
         """:math:`Hv` for a flat vector ``v`` of length :attr:`dim`."""
         if v.shape != (self.dim,):
             raise ValueError(f"Expected a vector of shape ({self.dim},), got {tuple(v.shape)}.")
         v = v.to(dtype=self.dtype, device=self.device)
-        tangents = unflatten(v, self.params)
-        total = torch.zeros_like(v)
-        for i in range(len(self.chunks)):
-            total.add_(self._chunk_hvp(i, tangents), alpha=self.weights[i])
+
+        def local_sum() -> Tensor:
+            if self.method == "finite_difference":
+                return self._finite_difference(v)
+            tangents = unflatten(v, self.params)
+            total = torch.zeros_like(v)
+            for i in range(len(self.chunks)):
+                total.add_(self._chunk_hvp(i, tangents), alpha=self.weights[i])
+            if not torch.isfinite(total).all():
+                raise NonFiniteCurvatureError("A Hessian-vector product is not finite.")
+            return total
+
+        total = self._reduced(local_sum, self.dim)
         self.num_matvecs += 1
-        if not torch.isfinite(total).all():
-            raise NonFiniteCurvatureError("A Hessian-vector product is not finite.")
         return total
 
     __call__ = matvec
@@ -278,3 +343,31 @@ class HessianOperator:
             seed_all(self.seed + index)
             _, hvp = torch.func.jvp(torch.func.grad(loss_of), (primals,), (tangent,))
         return flatten([hvp[k] for k in keys])
+
+    def _local_gradient(self) -> Tensor:
+        total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        for i in range(len(self.chunks)):
+            total.add_(flatten(self._first_order(i, create_graph=False)[1]), alpha=self.weights[i])
+        return total
+
+    def _finite_difference(self, v: Tensor) -> Tensor:
+        saved = [p.detach().clone() for p in self.params]
+        eps = self.fd_eps
+        if eps is None:
+            scale = max(1.0, float(flatten(saved).norm()) / self.dim**0.5)
+            eps = torch.finfo(self.dtype).eps ** (1 / 3) * scale
+        step = [t * eps for t in unflatten(v, self.params)]
+        try:
+            with torch.no_grad():
+                for p, s0, d in zip(self.params, saved, step):
+                    p.copy_(s0 + d)
+            plus = self._local_gradient()
+            with torch.no_grad():
+                for p, s0, d in zip(self.params, saved, step):
+                    p.copy_(s0 - d)
+            minus = self._local_gradient()
+        finally:
+            with torch.no_grad():
+                for p, s0 in zip(self.params, saved):
+                    p.copy_(s0)
+        return (plus - minus) / (2 * eps)

@@ -1,0 +1,141 @@
+"""One Lightning fit for the DDP tests; run as a script (Lightning relaunches it per rank).
+
+python tests/ddp_fit.py --scenario exact --devices 2 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+from lightning_eos.callbacks import SharpnessMonitor
+from lightning_eos.data import DigitsDataModule
+
+
+class Net(L.LightningModule):
+    def __init__(self, batchnorm: bool = False, dropout: float = 0.0, lr: float = 0.5):
+        super().__init__()
+        norm = nn.BatchNorm1d(16) if batchnorm else nn.Identity()
+        self.net = nn.Sequential(
+            nn.Linear(64, 16), norm, nn.Tanh(), nn.Dropout(dropout), nn.Linear(16, 10)
+        )
+        self.lr = lr
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss, sync_dist=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+class WarmStartProbe(Callback):
+    """Records the monitor's warm start when training starts and after step ``at_step``."""
+
+    def __init__(self, monitor: SharpnessMonitor, at_step: int):
+        self.monitor, self.at_step, self.seen = monitor, at_step, {}
+
+    def on_train_start(self, trainer, pl_module):
+        if self.monitor._warm_start is not None:
+            self.seen["start"] = self.monitor._warm_start.detach().cpu().clone()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            self.seen["step"] = self.monitor._warm_start.detach().cpu().clone()
+
+
+def nan_on_rank_one_at_step_two(module, batch):
+    x, y = batch
+    loss = F.cross_entropy(module.net(x), y)
+    if module.trainer.global_rank == 1 and module.trainer.global_step == 2:
+        return loss * float("nan")
+    return loss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scenario", required=True)
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--strategy", default="ddp")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--no-monitor", action="store_true")
+    parser.add_argument("--ckpt", default=None)
+    args = parser.parse_args()
+    out = Path(args.out)
+
+    L.seed_everything(0, verbose=False)
+    scenario = args.scenario
+    full_batch = scenario in ("exact", "bn")
+    data = DigitsDataModule(
+        num_train=200,
+        num_val=50,
+        target="label",
+        batch_size=(200 // args.devices) if full_batch else 32,
+        shuffle=not full_batch,
+    )
+    model = Net(
+        batchnorm=scenario in ("bn", "perturb"),
+        dropout=0.2 if scenario == "perturb" else 0.0,
+        lr=1e-12 if scenario == "bn" else 0.5,
+    )
+    monitor = SharpnessMonitor(
+        every_n_steps=2,
+        top_k=2,
+        num_samples=100,
+        chunk_size=30,  # 30, 30, 30, 10: uneven shards of 60 and 40 samples
+        tol=1e-8,
+        loss_fn=nan_on_rank_one_at_step_two if scenario == "nan" else None,
+        threshold=None if scenario == "bn" else "auto",
+    )
+    callbacks = [] if args.no_monitor else [monitor]
+    probe = WarmStartProbe(monitor, at_step=4)
+    if scenario.startswith("resume"):
+        callbacks.append(probe)
+    if scenario == "resume-full":
+        callbacks.append(
+            ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=4, save_top_k=-1)
+        )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy=args.strategy if args.devices > 1 else "auto",
+        max_steps={"exact": 4, "bn": 1, "perturb": 6, "nan": 6}.get(scenario, 8),
+        logger=CSVLogger(out, name="csv"),
+        callbacks=callbacks,
+        enable_checkpointing=scenario == "resume-full",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(model, data, ckpt_path=args.ckpt)
+
+    if not trainer.optimizers:  # ddp_spawn: the workers trained; this process has no state
+        return
+    optimizer = trainer.optimizers[0]
+    torch.save(
+        {
+            "history": monitor.history,
+            "probe": probe.seen,
+            "params": {k: v.clone() for k, v in model.state_dict().items()},
+            "grads": [p.grad.clone() for p in model.parameters()],
+            "momentum": [s["momentum_buffer"].clone() for s in optimizer.state.values()],
+            "rng": (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()),
+        },
+        out / f"rank{trainer.global_rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""SharpnessMonitor under 2-process DDP (gloo, CPU), against the 1-process run.
+
+Each fit runs tests/ddp_fit.py in a subprocess (Lightning relaunches it once per rank);
+a run that does not finish within the timeout is a deadlock.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).with_name("ddp_fit.py")
+TIMEOUT = 300
+KEYS = ("eos/sharpness", "eos/eig_2", "eos/threshold", "eos/sharpness_ratio")
+
+
+def _fit(out: Path, scenario: str, devices: int = 2, *extra: str) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    cmd = [sys.executable, str(SCRIPT), "--scenario", scenario, "--devices", str(devices)]
+    proc = subprocess.run(
+        [*cmd, "--out", str(out), *extra], env=env, capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [torch.load(p, weights_only=False) for p in sorted(out.glob("rank*.pt"))]
+
+
+def _logged(out: Path) -> dict[int, dict[str, float]]:
+    (path,) = out.glob("csv/version_*/metrics.csv")
+    with open(path) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("eos/sharpness")]
+    steps = [int(r["step"]) for r in rows]
+    assert len(steps) == len(set(steps)), "a measurement was logged more than once"
+    return {int(r["step"]): {k: float(r[k]) for k in KEYS if r.get(k)} for r in rows}
+
+
+def _assert_same_logs(a: dict, b: dict, rel: float = 1e-5) -> None:
+    assert sorted(a) == sorted(b)
+    for step in a:
+        assert set(a[step]) == set(b[step])
+        for key, value in a[step].items():
+            assert b[step][key] == pytest.approx(value, rel=rel), (step, key)
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    _fit(out, "exact", devices=1)
+    return _logged(out)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn", "ddp_find_unused_parameters_true"])
+def test_ddp_logs_the_single_process_values(tmp_path, single_process, strategy):
+    ranks = _fit(tmp_path, "exact", 2, "--strategy", strategy)
+    logged = _logged(tmp_path)
+    assert sorted(logged) == [0, 2, 4]
+    _assert_same_logs(single_process, logged)
+    for rank in ranks:  # ranks that came back (ddp_spawn returns rank 0 only) agree
+        for record in rank["history"]:
+            assert record["eos/sharpness"] == pytest.approx(
+                logged[record["step"]]["eos/sharpness"], rel=1e-6
+            )
+
+
+def test_batchnorm_chunks_are_the_same_across_ranks(tmp_path):
+    _fit(tmp_path / "one", "bn", devices=1)
+    _fit(tmp_path / "two", "bn", devices=2)
+    _assert_same_logs(_logged(tmp_path / "one"), _logged(tmp_path / "two"))
+
+
+def test_ddp_run_is_bit_identical_with_and_without_the_monitor(tmp_path):
+    with_monitor = _fit(tmp_path / "with", "perturb")
+    without = _fit(tmp_path / "without", "perturb", 2, "--no-monitor")
+    assert [h["step"] for h in with_monitor[0]["history"]] == [0, 2, 4, 6]
+    for a, b in zip(with_monitor, without, strict=True):  # rank by rank
+        for key in a["params"]:
+            assert torch.equal(a["params"][key], b["params"][key]), key
+        assert all(torch.equal(x, y) for x, y in zip(a["grads"], b["grads"]))
+        assert all(torch.equal(x, y) for x, y in zip(a["momentum"], b["momentum"]))
+        assert torch.equal(a["rng"][0], b["rng"][0]) and a["rng"][1] == b["rng"][1]
+        assert (a["rng"][2] == b["rng"][2]).all()
+
+
+def test_resume_under_ddp_continues_the_warm_start_on_every_rank(tmp_path):
+    full = _fit(tmp_path / "full", "resume-full")
+    (ckpt,) = (tmp_path / "full" / "ckpt").glob("*step=4.ckpt")
+    resumed = _fit(tmp_path / "resumed", "resume", 2, "--ckpt", str(ckpt))
+    for a, b in zip(full, resumed, strict=True):
+        assert torch.equal(a["probe"]["step"], b["probe"]["start"])
+        tail = [h for h in a["history"] if h["step"] > 4]
+        assert [h["step"] for h in tail] == [h["step"] for h in b["history"] if h["step"] > 4]
+        for x, y in zip(tail, [h for h in b["history"] if h["step"] > 4]):
+            assert x["eos/lanczos_iters"] == y["eos/lanczos_iters"]
+            assert x["eos/sharpness"] == pytest.approx(y["eos/sharpness"], rel=1e-6)
+
+
+def test_a_nan_on_one_rank_skips_the_measurement_on_every_rank(tmp_path):
+    ranks = _fit(tmp_path, "nan")
+    assert len(ranks) == 2
+    for rank in ranks:
+        assert [h["step"] for h in rank["history"]] == [0, 4, 6]
+    assert sorted(_logged(tmp_path)) == [0, 4, 6]
