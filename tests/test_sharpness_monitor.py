@@ -328,3 +328,24 @@ def test_sharded_strategies_are_refused_at_setup():
     trainer = SimpleNamespace(strategy=FSDPStrategy())
     with pytest.raises(ValueError, match="FSDPStrategy"):
         SharpnessMonitor().setup(trainer, BNDropoutNet(), "fit")
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+@pytest.mark.parametrize(("n", "num_samples", "chunk_size"), [(101, None, 10), (57, 40, 7)])
+def test_rank_shards_partition_the_single_process_set(world_size, n, num_samples, chunk_size):
+    from lightning_eos.callbacks._measurement_set import measurement_chunks
+
+    dataset = torch.utils.data.TensorDataset(torch.arange(n))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8)
+    single = measurement_chunks(loader, num_samples, chunk_size, seed=0)
+    shards = [
+        measurement_chunks(loader, num_samples, chunk_size, 0, rank=r, world_size=world_size)
+        for r in range(world_size)
+    ]
+    # chunk j of the single-process set is chunk j // world_size on rank j % world_size
+    for j, chunk in enumerate(single):
+        assert torch.equal(shards[j % world_size][j // world_size][0], chunk[0])
+    assert sum(len(s) for s in shards) == len(single)
+    samples = torch.cat([c[0] for shard in shards for c in shard]).sort().values
+    assert torch.equal(samples, torch.cat([c[0] for c in single]).sort().values)
+    assert len(samples) == len(set(samples.tolist())) == (num_samples or n)
