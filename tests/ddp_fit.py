@@ -40,6 +40,17 @@ class Net(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
 
+class ScrambleOtherRanks(Callback):
+    """Gives ranks other than 0 a wrong warm start, which the monitor must overwrite."""
+
+    def __init__(self, monitor: SharpnessMonitor):
+        self.monitor = monitor
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.global_rank != 0 and self.monitor._warm_start is not None:
+            self.monitor._warm_start = torch.randn_like(self.monitor._warm_start)
+
+
 class WarmStartProbe(Callback):
     """Records the monitor's warm start when training starts and after step ``at_step``."""
 
@@ -101,7 +112,7 @@ def main() -> None:
     callbacks = [] if args.no_monitor else [monitor]
     probe = WarmStartProbe(monitor, at_step=4)
     if scenario.startswith("resume"):
-        callbacks.append(probe)
+        callbacks = [ScrambleOtherRanks(monitor), *callbacks, probe]
     if scenario == "resume-full":
         callbacks.append(
             ModelCheckpoint(dirpath=out / "ckpt", every_n_train_steps=4, save_top_k=-1)

@@ -52,7 +52,13 @@ def _setup(kind: str):
     return model, rechunk([batch], None, 3)  # 11 samples: chunks of 3, 3, 3, 2
 
 
-def _worker(rank: int, port: int, out: str, kind: str, poison_rank: int) -> None:
+def _rank_zero_value(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    dist.broadcast(t, src=0)
+    return t
+
+
+def _worker(rank: int, port: int, out: str, kind: str, poison_rank: int, error_rank: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
@@ -62,10 +68,16 @@ def _worker(rank: int, port: int, out: str, kind: str, poison_rank: int) -> None
             x, y = mine[0]
             mine[0] = (x, y * float("nan"))
         result = {}
+
+        def loss_fn(m, batch):
+            if rank == error_rank:
+                raise ValueError("a loss that fails on one rank only")
+            return mse(m, batch)
+
         with measurement_context(model):
-            op = HessianOperator(model, mse, mine, reduce=_all_reduce_sum)
             try:
-                res = lanczos(op, k=3, tol=1e-10)
+                op = HessianOperator(model, loss_fn, mine, reduce=_all_reduce_sum)
+                res = lanczos(op, k=3, tol=1e-10, agree=_rank_zero_value)
                 v = torch.linspace(-1, 1, op.dim, dtype=torch.float64)
                 result.update(
                     eigenvalues=res.eigenvalues,
@@ -74,17 +86,16 @@ def _worker(rank: int, port: int, out: str, kind: str, poison_rank: int) -> None
                     loss=op.loss(),
                     num_samples=op.num_samples,
                 )
-            except NonFiniteCurvatureError as err:
-                result["raised"] = str(err)
+            except (NonFiniteCurvatureError, ValueError, RuntimeError) as err:
+                result["raised"] = type(err).__name__
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def _run(tmp_path, kind: str, poison_rank: int = -1, timeout: float = 120.0):
-    ctx = mp.spawn(
-        _worker, args=(_free_port(), str(tmp_path), kind, poison_rank), nprocs=WORLD, join=False
-    )
+def _run(tmp_path, kind: str, poison_rank: int = -1, error_rank: int = -1, timeout=120.0):
+    args = (_free_port(), str(tmp_path), kind, poison_rank, error_rank)
+    ctx = mp.spawn(_worker, args=args, nprocs=WORLD, join=False)
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1.0):
         if time.monotonic() > deadline:
@@ -113,7 +124,12 @@ def test_two_processes_equal_one_process_with_uneven_shards(tmp_path, kind):
 
 def test_a_nan_on_one_rank_makes_every_rank_skip_without_deadlock(tmp_path):
     ranks = _run(tmp_path, "mlp", poison_rank=1)
-    assert all("raised" in result for result in ranks)
+    assert [r["raised"] for r in ranks] == ["NonFiniteCurvatureError"] * WORLD
+
+
+def test_any_error_on_one_rank_is_raised_on_every_rank_without_deadlock(tmp_path):
+    ranks = _run(tmp_path, "mlp", error_rank=1)
+    assert [r["raised"] for r in ranks] == ["RuntimeError", "ValueError"]
 
 
 def test_syncbatchnorm_is_measured_with_chunk_statistics(tmp_path):

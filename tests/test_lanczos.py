@@ -98,3 +98,10 @@ def test_residual_stop_rule_is_a_bound_where_the_gap_estimate_is_not():
         result = lanczos(a, k=1, tol=tol, init=init, stop_rule="residual")
         assert result.converged
         assert abs(result.eigenvalues[0].item() - 10.0) <= tol * 10.0 * (1 + 1e-9)
+
+
+def test_agree_hook_decides_when_to_stop():
+    a = _symmetric(torch.linspace(0, 1, 40))
+    never = lanczos(a, k=1, tol=1e-3, max_iter=25, agree=lambda t: torch.zeros_like(t))
+    free = lanczos(a, k=1, tol=1e-3, max_iter=25)
+    assert free.num_iterations < 25 and never.num_iterations == 25

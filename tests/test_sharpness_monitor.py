@@ -320,13 +320,15 @@ def test_several_training_loaders_need_an_explicit_dataloader():
         measurement_chunks({"a": loader, "b": loader}, None, None, seed=0)
 
 
-def test_sharded_strategies_are_refused_at_setup():
+@pytest.mark.parametrize("name", ["FSDPStrategy", "DeepSpeedStrategy", "XLAStrategy"])
+def test_sharded_strategies_are_refused_at_setup(name):
     from types import SimpleNamespace
 
-    from lightning.pytorch.strategies import FSDPStrategy
+    import lightning.pytorch.strategies as strategies
 
-    trainer = SimpleNamespace(strategy=FSDPStrategy())
-    with pytest.raises(ValueError, match="FSDPStrategy"):
+    cls = getattr(strategies, name)
+    trainer = SimpleNamespace(strategy=object.__new__(cls))  # no launch, no optional deps
+    with pytest.raises(ValueError, match=name):
         SharpnessMonitor().setup(trainer, BNDropoutNet(), "fit")
 
 

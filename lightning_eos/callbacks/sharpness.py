@@ -8,7 +8,13 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    SingleDeviceStrategy,
+    SingleDeviceXLAStrategy,
+    XLAStrategy,
+)
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
@@ -35,9 +41,19 @@ if TYPE_CHECKING:
     from lightning.pytorch import Trainer
 
 
+# subclasses of the supported strategies whose parameters are partitioned or on XLA devices
+_SHARDED_OR_XLA = (DeepSpeedStrategy, XLAStrategy, SingleDeviceXLAStrategy)
+
+
 def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     tensor = tensor.clone()
     dist.all_reduce(tensor)
+    return tensor
+
+
+def _rank_zero_value(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.clone()
+    dist.broadcast(tensor, src=0)
     return tensor
 
 
@@ -153,7 +169,8 @@ class SharpnessMonitor(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: L.LightningModule, stage: str) -> None:
         strategy = trainer.strategy
-        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        supported = isinstance(strategy, (SingleDeviceStrategy, DDPStrategy))
+        if not supported or isinstance(strategy, _SHARDED_OR_XLA):
             raise ValueError(
                 f"{type(self).__name__} supports single-device training and DDP (strategy="
                 "'ddp', 'ddp_spawn', 'ddp_find_unused_parameters_true'), not "
@@ -190,8 +207,9 @@ class SharpnessMonitor(Callback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: L.LightningModule) -> None:
         if trainer.world_size > 1:  # every rank continues rank 0's warm start after a resume
+            warm = None if self._warm_start is None else self._warm_start.detach().cpu()
             self._warm_start, self._last_step = trainer.strategy.broadcast(
-                (self._warm_start, self._last_step), src=0
+                (warm, self._last_step), src=0
             )
         if self.measure_at_start:
             self._maybe_measure(trainer, pl_module)
@@ -251,6 +269,7 @@ class SharpnessMonitor(Callback):
         self, trainer: Trainer, pl_module: L.LightningModule
     ) -> LanczosResult | None:
         chunks = self._measurement_set(trainer)
+        distributed = trainer.world_size > 1
         try:
             with measurement_context(pl_module, self.mode), training_step_sandbox(pl_module):
                 operator = HessianOperator(
@@ -260,7 +279,7 @@ class SharpnessMonitor(Callback):
                     method=self.hvp_method,
                     prepare_chunk=trainer.strategy.batch_to_device,
                     seed=self.seed,
-                    reduce=_all_reduce_sum if trainer.world_size > 1 else None,
+                    reduce=_all_reduce_sum if distributed else None,
                 )
                 result = lanczos(
                     operator,
@@ -270,6 +289,7 @@ class SharpnessMonitor(Callback):
                     max_iter=self.max_iter,
                     generator=torch.Generator().manual_seed(self.seed),
                     stop_rule=self.stop_rule,
+                    agree=_rank_zero_value if distributed else None,
                 )
         except NonFiniteCurvatureError as err:
             rank_zero_warn(
@@ -289,7 +309,11 @@ class SharpnessMonitor(Callback):
         return result
 
     def measure(self, trainer: Trainer, pl_module: L.LightningModule) -> dict[str, float] | None:
-        """Measure now and return the metrics (``None`` if the measurement was skipped)."""
+        """Measure now and return the metrics (``None`` if the measurement was skipped).
+
+        Under DDP this runs collectives: call it on every rank, never from a
+        rank-zero-only function.
+        """
         result = self._top_eigenpairs(trainer, pl_module)
         if result is None:
             return None

@@ -35,6 +35,7 @@ Three ways to compute :math:`Hv`:
   then warns once and falls back to double backward for good.
 * ``"finite_difference"``: the central difference
   :math:`(\\nabla L(\\theta+\\varepsilon v) - \\nabla L(\\theta-\\varepsilon v))/2\\varepsilon`,
+  along the unit vector :math:`v/\\lVert v\\rVert` (scaled back afterwards), with
   two first-order gradients and no second-order graph, for sharded parameters (FSDP)
   and kernels without double backward. Its error is :math:`O(\\varepsilon^2)` from the
   third derivative plus :math:`O(u/\\varepsilon)` from rounding (:math:`u` the unit
@@ -170,10 +171,9 @@ class HessianOperator:
         self.seed = seed
         self.reduce = reduce
         self.fd_eps = fd_eps
+        # the global count goes through _reduced so that a failure on one process is shared
+        total = float(self._reduced(self._counts(num_samples_fn), 1, torch.float64))
         counts = [num_samples_fn(c) for c in self.chunks]
-        total = float(sum(counts))
-        if reduce is not None:
-            total = float(reduce(torch.tensor([total], dtype=torch.float64, device=self.device)))
         if total <= 0:
             raise ValueError("The measurement set has no samples.")
         self.num_samples = int(total)
@@ -181,6 +181,13 @@ class HessianOperator:
         self.num_matvecs = 0
         self._graphs: list[tuple[Tensor, list[Tensor]]] | None = None
         self._loss: float | None = None
+
+    def _counts(self, num_samples_fn: Callable[[Any], int]) -> Callable[[], Tensor]:
+        def local_sum() -> Tensor:
+            n = float(sum(num_samples_fn(c) for c in self.chunks))
+            return torch.tensor([n], dtype=torch.float64, device=self.device)
+
+        return local_sum
 
     @property
     def dim(self) -> int:
@@ -227,17 +234,36 @@ class HessianOperator:
             self._graphs = [self._first_order(i) for i in range(len(self.chunks))]
         return self._graphs
 
-    def _reduced(self, local_sum: Callable[[], Tensor], size: int) -> Tensor:
-        """Sum of the local weighted terms over processes; NaN everywhere if any failed."""
+    def _reduced(
+        self, local_sum: Callable[[], Tensor], size: int, dtype: torch.dtype | None = None
+    ) -> Tensor:
+        """Sum of the local weighted terms over processes, with every process agreeing on failure.
+
+        One collective per call, whatever happens locally: a process whose local term
+        fails sends NaNs, plus a flag in the same reduction when the failure is not a
+        non-finite value, so every process raises together instead of leaving the others
+        waiting: :class:`NonFiniteCurvatureError` for non-finite values, the original
+        error on the process where anything else went wrong and a ``RuntimeError`` on the
+        others.
+        """
+        dtype = dtype or self.dtype
         try:
-            local = local_sum()
-            error = None
-        except NonFiniteCurvatureError as err:
+            local, error = local_sum().to(dtype), None
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the collective
             if self.reduce is None:
                 raise
-            local = torch.full((size,), float("nan"), dtype=self.dtype, device=self.device)
-            error = err
-        total = local if self.reduce is None else self.reduce(local)
+            local, error = torch.full((size,), float("nan"), dtype=dtype, device=self.device), err
+        if self.reduce is None:
+            total = local
+        else:
+            failed = error is not None and not isinstance(error, NonFiniteCurvatureError)
+            flags = torch.tensor([float(failed)], dtype=dtype, device=self.device)
+            reduced = self.reduce(torch.cat([local, flags]))
+            total, failures = reduced[:size], reduced[size:].item()
+            if failed:
+                raise error
+            if failures > 0:
+                raise RuntimeError("The measurement failed on another process; see its error.")
         if not torch.isfinite(total).all():
             where = f" ({error})" if error is not None else ""
             raise NonFiniteCurvatureError(f"A measurement value is not finite{where}.")
@@ -254,12 +280,12 @@ class HessianOperator:
                 else:
                     with torch.no_grad():
                         losses = [self._chunk_loss(i) for i in range(len(self.chunks))]
-                total = torch.zeros(1, dtype=self.dtype, device=self.device)
+                total = torch.zeros(1, dtype=torch.float64, device=self.device)
                 for w, loss in zip(self.weights, losses):
-                    total.add_(loss.detach().reshape(1), alpha=w)
+                    total.add_(loss.detach().double().reshape(1), alpha=w)
                 return total
 
-            self._loss = float(self._reduced(local_sum, 1))
+            self._loss = float(self._reduced(local_sum, 1, torch.float64))
         return self._loss
 
     def gradient(self) -> Tensor:
@@ -356,7 +382,10 @@ class HessianOperator:
         if eps is None:
             scale = max(1.0, float(flatten(saved).norm()) / self.dim**0.5)
             eps = torch.finfo(self.dtype).eps ** (1 / 3) * scale
-        step = [t * eps for t in unflatten(v, self.params)]
+        length = float(v.norm())
+        if length == 0:
+            return torch.zeros_like(v)
+        step = [t * (eps / length) for t in unflatten(v, self.params)]
         try:
             with torch.no_grad():
                 for p, s0, d in zip(self.params, saved, step):
@@ -370,4 +399,4 @@ class HessianOperator:
             with torch.no_grad():
                 for p, s0 in zip(self.params, saved):
                     p.copy_(s0)
-        return (plus - minus) / (2 * eps)
+        return (plus - minus) * (length / (2 * eps))

@@ -105,6 +105,7 @@ def lanczos(
     generator: torch.Generator | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    agree: Callable[[Tensor], Tensor] | None = None,
 ) -> LanczosResult:
     """Largest-algebraic ``k`` eigenpairs of a symmetric operator.
 
@@ -122,6 +123,10 @@ def lanczos(
             extra Ritz vectors get a positive weight.
         stop_rule: ``"gap"`` (estimate :math:`\\min(r, r^2/\\delta)`) or ``"residual"``
             (the rigorous :math:`r`).
+        agree: for several processes running the same Lanczos on all-reduced products:
+            maps a small tensor to one process's value of it on every process (a
+            broadcast from rank 0). The stop and breakdown decisions go through it, so all
+            processes take the same number of steps even if their floating point differs.
         generator: CPU generator for the random start (default: seeded with 0).
         dtype: working dtype of the basis (default: the matrix's or ``operator.dtype``,
             else ``init``'s, else float32).
@@ -207,10 +212,12 @@ def lanczos(
             errors = residuals.clone()
         scale = theta.abs().clamp_min(torch.finfo(dtype).eps * max(theta.abs().max().item(), 1e-30))
         done = m >= k and bool((errors[:k] <= tol * scale[:k]).all())
+        breakdown = beta <= 10 * torch.finfo(dtype).eps * max(abs(a) for a in alphas)
+        if agree is not None:
+            decision = agree(torch.tensor([float(done), float(breakdown)], device=device))
+            done, breakdown = bool(decision[0]), bool(decision[1])
         if done or m == max_iter:
             break
-
-        breakdown = beta <= 10 * torch.finfo(dtype).eps * max(abs(a) for a in alphas)
         if breakdown:  # invariant subspace: continue in a fresh orthogonal direction
             q = _orthogonalize(_random_unit(dim, generator, like), basis[:m])
             q = q / q.norm()
