@@ -6,6 +6,7 @@ python tests/ddp_fit.py --scenario exact --devices 2 --out DIR
 from __future__ import annotations
 
 import argparse
+import os
 import random
 from pathlib import Path
 
@@ -109,6 +110,10 @@ def main() -> None:
         loss_fn=nan_on_rank_one_at_step_two if scenario == "nan" else None,
         threshold=None if scenario == "bn" else "auto",
     )
+    if scenario == "build-error":  # rank 1 gets a measurement loader it cannot use
+        data.setup()
+        loader = torch.utils.data.DataLoader(data.train_set, batch_size=30)
+        monitor.dataloader = {"a": loader} if os.environ.get("LOCAL_RANK", "0") == "1" else loader
     callbacks = [] if args.no_monitor else [monitor]
     probe = WarmStartProbe(monitor, at_step=4)
     if scenario.startswith("resume"):

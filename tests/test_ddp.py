@@ -106,3 +106,10 @@ def test_a_nan_on_one_rank_skips_the_measurement_on_every_rank(tmp_path):
     for rank in ranks:
         assert [h["step"] for h in rank["history"]] == [0, 4, 6]
     assert sorted(_logged(tmp_path)) == [0, 4, 6]
+
+
+def test_a_setup_error_on_one_rank_stops_every_rank(tmp_path):
+    cmd = [sys.executable, str(SCRIPT), "--scenario", "build-error", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT)  # no hang
+    assert proc.returncode != 0
+    assert "dataloader=" in proc.stderr or "failed on another rank" in proc.stderr

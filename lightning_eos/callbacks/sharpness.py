@@ -247,17 +247,28 @@ class SharpnessMonitor(Callback):
 
     def _measurement_set(self, trainer: Trainer) -> list[Any]:
         if self._chunks is None:
-            loader = self.dataloader or trainer.train_dataloader
-            if loader is None:
-                raise ValueError(f"{type(self).__name__} found no training data to measure on.")
-            self._chunks = measurement_chunks(
-                loader,
-                self.num_samples,
-                self.chunk_size,
-                self.seed,
-                rank=trainer.global_rank,
-                world_size=trainer.world_size,
-            )
+            error: Exception | None = None
+            try:
+                loader = self.dataloader or trainer.train_dataloader
+                if loader is None:
+                    raise ValueError(f"{type(self).__name__} found no training data to measure on.")
+                chunks = measurement_chunks(
+                    loader,
+                    self.num_samples,
+                    self.chunk_size,
+                    self.seed,
+                    rank=trainer.global_rank,
+                    world_size=trainer.world_size,
+                )
+            except Exception as err:  # noqa: BLE001 - raised below, once every rank knows
+                error = err
+            if trainer.world_size > 1:  # a rank that failed must not leave the others waiting
+                flag = torch.tensor([float(error is not None)], device=trainer.strategy.root_device)
+                if _all_reduce_sum(flag).item() > 0 and error is None:
+                    raise RuntimeError("Building the measurement set failed on another rank.")
+            if error is not None:
+                raise error
+            self._chunks = chunks
         return self._chunks
 
     def _threshold_now(self, trainer: Trainer) -> float | None:
