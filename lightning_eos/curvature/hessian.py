@@ -24,7 +24,8 @@ process holds its own chunks, the sample count :math:`N` is summed once, and eve
 product, gradient and loss is the sum of the local weighted terms, so uneven shards stay
 exact. A non-finite value on one process turns its local term into NaNs instead of
 raising, so the reduced result is NaN on every process and all of them raise
-:class:`NonFiniteCurvatureError` together, after the same collective (no deadlock).
+:class:`NonFiniteCurvatureError` together, after the same collective (no deadlock). Any
+other error travels as a flag in that collective and is raised on every process too.
 
 Three ways to compute :math:`Hv`:
 
