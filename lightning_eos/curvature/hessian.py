@@ -172,9 +172,14 @@ class HessianOperator:
         self.seed = seed
         self.reduce = reduce
         self.fd_eps = fd_eps
+        counts: list[int] = []
+
+        def local_count() -> Tensor:
+            counts.extend(num_samples_fn(c) for c in self.chunks)
+            return torch.tensor([float(sum(counts))], dtype=torch.float64, device=self.device)
+
         # the global count goes through _reduced so that a failure on one process is shared
-        total = float(self._reduced(self._counts(num_samples_fn), 1, torch.float64))
-        counts = [num_samples_fn(c) for c in self.chunks]
+        total = float(self._reduced(local_count, 1, torch.float64))
         if total <= 0:
             raise ValueError("The measurement set has no samples.")
         self.num_samples = int(total)
@@ -182,13 +187,6 @@ class HessianOperator:
         self.num_matvecs = 0
         self._graphs: list[tuple[Tensor, list[Tensor]]] | None = None
         self._loss: float | None = None
-
-    def _counts(self, num_samples_fn: Callable[[Any], int]) -> Callable[[], Tensor]:
-        def local_sum() -> Tensor:
-            n = float(sum(num_samples_fn(c) for c in self.chunks))
-            return torch.tensor([n], dtype=torch.float64, device=self.device)
-
-        return local_sum
 
     @property
     def dim(self) -> int:
@@ -294,13 +292,11 @@ class HessianOperator:
 
         def local_sum() -> Tensor:
             graphs = self._graphs_or_none()
+            if graphs is None:
+                return self._local_gradient()
             total = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
-            for i in range(len(self.chunks)):
-                if graphs is not None:
-                    grads = [g.detach() for g in graphs[i][1]]
-                else:
-                    grads = self._first_order(i, create_graph=False)[1]
-                total.add_(flatten(grads), alpha=self.weights[i])
+            for weight, (_, grads) in zip(self.weights, graphs):
+                total.add_(flatten([g.detach() for g in grads]), alpha=weight)
             return total
 
         return self._reduced(local_sum, self.dim)
@@ -318,9 +314,7 @@ class HessianOperator:
             total = torch.zeros_like(v)
             for i in range(len(self.chunks)):
                 total.add_(self._chunk_hvp(i, tangents), alpha=self.weights[i])
-            if not torch.isfinite(total).all():
-                raise NonFiniteCurvatureError("A Hessian-vector product is not finite.")
-            return total
+            return total  # a non-finite product is caught by _reduced, on every process
 
         total = self._reduced(local_sum, self.dim)
         self.num_matvecs += 1
@@ -387,17 +381,17 @@ class HessianOperator:
         if length == 0:
             return torch.zeros_like(v)
         step = [t * (eps / length) for t in unflatten(v, self.params)]
+
+        def set_params(values: list[Tensor]) -> None:
+            with torch.no_grad():
+                for p, value in zip(self.params, values):
+                    p.copy_(value)
+
         try:
-            with torch.no_grad():
-                for p, s0, d in zip(self.params, saved, step):
-                    p.copy_(s0 + d)
+            set_params([s0 + d for s0, d in zip(saved, step)])
             plus = self._local_gradient()
-            with torch.no_grad():
-                for p, s0, d in zip(self.params, saved, step):
-                    p.copy_(s0 - d)
+            set_params([s0 - d for s0, d in zip(saved, step)])
             minus = self._local_gradient()
         finally:
-            with torch.no_grad():
-                for p, s0 in zip(self.params, saved):
-                    p.copy_(s0)
+            set_params(saved)
         return (plus - minus) * (length / (2 * eps))
