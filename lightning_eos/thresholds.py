@@ -20,9 +20,13 @@ paper 004, Thm. 2). With learning rate :math:`\\eta` and momentum :math:`\\beta`
   :math:`\\lambda = (2/\\eta)(1+\\beta_1)/(1+2\\beta_2)` (heavy ball at
   :math:`\\beta_2 = 0`, Nesterov at :math:`\\beta_2=\\beta_1`).
 * SAM: paper 003, Prop. 2; the IAS edge of SGD: paper 004, eq. 17.
+* every EMA-form update with decoupled decay, :func:`ema_update_threshold`; it covers
+  all of the above but SAM and the adaptive optimizers with a frozen preconditioner.
 
 :func:`stability_threshold` reads a live optimizer and returns the threshold that
-applies to :math:`\\lambda_1(H)` of the *unregularized* loss.
+applies to :math:`\\lambda_1(H)` of the *unregularized* loss;
+:func:`preconditioned_threshold` reads an adaptive one and returns the threshold on
+:math:`\\lambda_1(P^{-1}H)` (paper 002, App. A.2).
 """
 
 from __future__ import annotations
@@ -40,7 +44,9 @@ __all__ = [
     "generalized_momentum_threshold",
     "heavy_ball_threshold",
     "ias_threshold",
+    "ema_update_threshold",
     "nesterov_threshold",
+    "preconditioned_threshold",
     "sam_edge",
     "stability_threshold",
 ]
@@ -103,6 +109,47 @@ def ema_nesterov_threshold(lr: float, beta: float) -> float:
     """EMA Nesterov: :math:`(2+2\\beta)/((1-\\beta)(1+2\\beta)\\eta)`. Paper 002, App. A."""
     _check_lr(lr)
     return (2.0 + 2.0 * beta) / ((1.0 - beta) * (1.0 + 2.0 * beta) * lr)
+
+
+def ema_update_threshold(
+    grad_lr: float, momentum_lr: float, beta: float, decay: float = 0.0
+) -> float:
+    """Threshold of every EMA-form update, with decoupled decay (paper 002, App. A).
+
+    The update is :math:`m' = \\beta m + (1-\\beta) g`,
+    :math:`\\theta' = (1-c)\\theta - a\\,g - b\\,m'`, with :math:`a` = ``grad_lr``,
+    :math:`b` = ``momentum_lr``, :math:`c` = ``decay`` (decoupled weight decay, e.g.
+    AdamW's :math:`\\eta w`). On :math:`\\tfrac12\\lambda
+    \\theta^2` the state :math:`(\\theta, m)` evolves by a 2x2 matrix with trace
+    :math:`T = 1 + \\beta - c - (a + b(1-\\beta))\\lambda` and determinant
+    :math:`D = \\beta(1 - c - a\\lambda)`. A root crosses :math:`-1` when
+    :math:`1 + T + D = 0`:
+
+    .. math:: \\lambda^* = \\frac{(1+\\beta)(2-c)}{a(1+\\beta) + b(1-\\beta)} .
+
+    Below it both roots are inside the unit circle: :math:`1 - T + D =
+    (1-\\beta)(c + (a+b)\\lambda) > 0` keeps them off :math:`+1`, and
+    :math:`a\\lambda^* \\le 2 - c` gives :math:`|D| \\le \\beta`. Special cases (paper 002,
+    Table 1 and Lemmas 1-2, which derive them with :math:`(1-\\beta)\\eta` in place of
+    :math:`\\eta` in the recurrences of its [8]): GD is :math:`a=\\eta, b=0`; EMA heavy
+    ball :math:`a=0, b=\\eta`; EMA Nesterov :math:`a=(1-\\beta)\\eta, b=\\beta\\eta`;
+    standard heavy ball (buffer :math:`\\beta\\,buf + g`, i.e. :math:`m = (1-\\beta)buf`)
+    is :math:`a=0, b=\\eta/(1-\\beta)`. AdamW's decoupled decay :math:`c=\\eta w` multiplies
+    the EMA heavy ball threshold by :math:`1 - \\eta w/2`.
+
+    >>> round(ema_update_threshold(0.0, 1.0, 0.9), 6)  # EMA heavy ball, 38/eta
+    38.0
+    >>> nesterov = ema_update_threshold(0.1, 0.9, 0.9)
+    >>> math.isclose(nesterov, ema_nesterov_threshold(1.0, 0.9))
+    True
+    """
+    if not (grad_lr >= 0 and momentum_lr >= 0 and grad_lr + momentum_lr > 0):
+        raise ValueError(f"Need nonnegative step sizes, not both zero: {grad_lr}, {momentum_lr}.")
+    if not 0 <= beta < 1:
+        raise ValueError(f"beta={beta} must be in [0, 1).")
+    if not 0 <= decay < 2:
+        raise ValueError(f"decay={decay} must be in [0, 2): the decay alone would diverge.")
+    return (1.0 + beta) * (2.0 - decay) / (grad_lr * (1.0 + beta) + momentum_lr * (1.0 - beta))
 
 
 def generalized_momentum_threshold(lr: float, beta1: float, beta2: float) -> float:
@@ -201,3 +248,30 @@ def stability_threshold(optimizer: Any) -> float:
             f"({sorted(values)}); a single threshold on lambda_1(H) does not exist."
         )
     return values.pop()
+
+
+def preconditioned_threshold(optimizer: Any) -> float:
+    """The threshold on :math:`\\lambda_1(P^{-1}H)` implied by an adaptive optimizer.
+
+    Paper 002, App. A.2 (Prop. 1): with the preconditioner frozen, preconditioned
+    momentum is the plain method on :math:`f(P^{-1/2}x)`, so it diverges iff
+    :math:`\\lambda_1(P^{-1/2}HP^{-1/2})` exceeds the plain method's threshold
+    (:func:`ema_update_threshold` with the optimizer's step sizes). Adam's bias
+    correction of the first moment enters as the step size :math:`\\eta/(1-\\beta_1^t)`.
+    The preconditioner :math:`P` is the one
+    :func:`lightning_eos.optim.read_preconditioner` rebuilds; see it for each optimizer.
+
+    Raises:
+        UnsupportedOptimizerError: the optimizer has no registered preconditioner.
+        lightning_eos.optim.PreconditionerNotReadyError: it has not stepped yet.
+
+    Example:
+        >>> p = torch.nn.Parameter(torch.ones(2))
+        >>> opt = torch.optim.Adam([p], lr=0.01)
+        >>> p.grad = torch.ones(2); opt.step()
+        >>> round(preconditioned_threshold(opt), 6)  # 38/eta times (1 - 0.9)
+        380.0
+    """
+    from lightning_eos.optim.preconditioners import read_preconditioner
+
+    return read_preconditioner(optimizer).threshold

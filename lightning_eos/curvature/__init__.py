@@ -2,6 +2,8 @@
 
 Hessian-vector products
     :class:`HessianOperator` -- mean loss over chunks, weighted by sample count.
+    :class:`PreconditionedOperator` -- :math:`P^{-1/2}(H + s)P^{-1/2}` for a diagonal
+    preconditioner.
 Eigensolvers
     :func:`lanczos`, :class:`LanczosResult` -- top-k with warm start and residual stop.
 Measurement hygiene
@@ -21,6 +23,7 @@ from lightning_eos.curvature.hessian import (
     unflatten,
 )
 from lightning_eos.curvature.lanczos import LanczosResult, StopRule, lanczos
+from lightning_eos.curvature.preconditioned import PreconditionedOperator
 
 __all__ = [
     # Hessian-vector products
@@ -28,6 +31,7 @@ __all__ = [
     "HVPMethod",
     "LossFn",
     "NonFiniteCurvatureError",
+    "PreconditionedOperator",
     "flatten",
     "unflatten",
     # eigensolvers
