@@ -48,8 +48,9 @@ class ScrambleOtherRanks(Callback):
         self.monitor = monitor
 
     def on_train_start(self, trainer, pl_module):
-        if trainer.global_rank != 0 and self.monitor._warm_start is not None:
-            self.monitor._warm_start = torch.randn_like(self.monitor._warm_start)
+        warm = self.monitor._warm_starts
+        if trainer.global_rank != 0 and "hessian" in warm:
+            warm["hessian"] = torch.randn_like(warm["hessian"])
 
 
 class WarmStartProbe(Callback):
@@ -59,12 +60,12 @@ class WarmStartProbe(Callback):
         self.monitor, self.at_step, self.seen = monitor, at_step, {}
 
     def on_train_start(self, trainer, pl_module):
-        if self.monitor._warm_start is not None:
-            self.seen["start"] = self.monitor._warm_start.detach().cpu().clone()
+        if "hessian" in self.monitor._warm_starts:
+            self.seen["start"] = self.monitor._warm_starts["hessian"].detach().cpu().clone()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.at_step:
-            self.seen["step"] = self.monitor._warm_start.detach().cpu().clone()
+            self.seen["step"] = self.monitor._warm_starts["hessian"].detach().cpu().clone()
 
 
 def nan_on_rank_one_at_step_two(module, batch):

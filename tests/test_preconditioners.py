@@ -152,6 +152,26 @@ def test_param_groups_fold_their_learning_rates_into_P():
     torch.testing.assert_close(b.detach(), expected, rtol=0, atol=1e-12)
 
 
+def test_frozen_adam_from_a_bias_corrected_adam_is_paper_eq_2():
+    params = _params()
+    adam = torch.optim.AdamW(params, lr=LR, weight_decay=0.5, amsgrad=True)
+    _random_steps(adam, params, 4)
+    frozen = FrozenAdam.from_optimizer(adam)
+    t, reading = 4, read_preconditioner(adam)
+    for p, P in zip(params, reading.diagonal, strict=True):  # noqa: N806
+        state = frozen.state[p]
+        torch.testing.assert_close(state["preconditioner"], (1 - 0.9**t) * P, rtol=1e-12, atol=0)
+        assert torch.equal(state["exp_avg"], adam.state[p]["exp_avg"])
+    assert frozen.param_groups[0]["decoupled_weight_decay"]
+    assert preconditioned_threshold(frozen) == pytest.approx(
+        38 / LR * (1 - LR * 0.5 / 2)  # AdamW's threshold, at eta = lr without bias correction
+    )
+    nadam = torch.optim.NAdam(params)
+    _random_steps(nadam, params, 1)
+    with pytest.raises(ValueError, match="EMA heavy-ball"):
+        FrozenAdam.from_optimizer(nadam)
+
+
 def test_errors_are_clear():
     p = torch.nn.Parameter(torch.zeros(2))
     with pytest.raises(UnsupportedOptimizerError, match=r"torch\.optim\.Adam.*Register"):

@@ -288,12 +288,13 @@ def test_state_dict_round_trip():
     monitor = SharpnessMonitor(every_n_steps=3)
     _fit(monitor, max_steps=3)
     state = monitor.state_dict()
-    assert state["last_step"] == 3 and state["warm_start"].shape[1] == sum(
+    warm = state["warm_starts"]["hessian"]
+    assert state["last_step"] == 3 and warm.shape[1] == sum(
         p.numel() for p in BNDropoutNet().parameters()
     )
     fresh = SharpnessMonitor(every_n_steps=3)
     fresh.load_state_dict(state)
-    assert fresh._last_step == 3 and torch.equal(fresh._warm_start, state["warm_start"])
+    assert fresh._last_step == 3 and torch.equal(fresh._warm_starts["hessian"], warm)
     assert fresh.history == monitor.history
 
 

@@ -2,11 +2,22 @@
 
 Monitors
     :class:`SharpnessMonitor` -- top Hessian eigenvalues and the optimizer's threshold.
+    :class:`PreconditionedSharpnessMonitor` -- :math:`\\lambda_i(P^{-1}H)` of adaptive
+    optimizers, their threshold, and the raw sharpness.
+Interventions
+    :class:`FreezePreconditioner` -- swap in frozen Adam at a given step.
 Figures
     :class:`SharpnessPlot` -- PNG of the sharpness against its threshold at fit end.
 """
 
+from lightning_eos.callbacks.freeze import FreezePreconditioner
 from lightning_eos.callbacks.plot import SharpnessPlot
+from lightning_eos.callbacks.preconditioned import PreconditionedSharpnessMonitor
 from lightning_eos.callbacks.sharpness import SharpnessMonitor
 
-__all__ = ["SharpnessMonitor", "SharpnessPlot"]
+__all__ = [
+    "FreezePreconditioner",
+    "PreconditionedSharpnessMonitor",
+    "SharpnessMonitor",
+    "SharpnessPlot",
+]

@@ -150,7 +150,7 @@ class SharpnessMonitor(Callback):
         self.hvp_method, self.measure_at_start, self.seed = hvp_method, measure_at_start, seed
         self.history: list[dict[str, float]] = []
         self._last_step: int | None = None
-        self._warm_start: torch.Tensor | None = None
+        self._warm_starts: dict[str, torch.Tensor] = {}  # per operator, for the next Lanczos
         self._chunks: list[Any] | None = None
 
     @property
@@ -194,6 +194,10 @@ class SharpnessMonitor(Callback):
                 f"{type(self).__name__}: the parameters are {sorted(map(str, dtypes))}; "
                 "Hessian-vector products are computed in that precision."
             )
+        self._check_optimizer(trainer)
+
+    def _check_optimizer(self, trainer: Trainer) -> None:
+        """Fail at setup, with a clear error, if ``threshold="auto"`` cannot be met."""
         if self.threshold == "auto":
             if len(trainer.optimizers) != 1:
                 raise ValueError(
@@ -207,8 +211,8 @@ class SharpnessMonitor(Callback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: L.LightningModule) -> None:
         if trainer.world_size > 1:  # every rank continues rank 0's warm start after a resume
-            warm = None if self._warm_start is None else self._warm_start.detach().cpu()
-            self._warm_start, self._last_step = trainer.strategy.broadcast(
+            warm = {k: v.detach().cpu() for k, v in self._warm_starts.items()}
+            self._warm_starts, self._last_step = trainer.strategy.broadcast(
                 (warm, self._last_step), src=0
             )
         if self.measure_at_start:
@@ -276,14 +280,20 @@ class SharpnessMonitor(Callback):
             return stability_threshold(trainer.optimizers[0])
         return None if self.threshold is None else float(self.threshold)
 
-    def _top_eigenpairs(
+    def _operators(self, trainer: Trainer, hessian: HessianOperator) -> dict[str, Any]:
+        """The symmetric operators to measure, by name (subclasses add their own)."""
+        return {"hessian": hessian}
+
+    def _spectra(
         self, trainer: Trainer, pl_module: L.LightningModule
-    ) -> LanczosResult | None:
+    ) -> dict[str, LanczosResult] | None:
+        """Top eigenpairs of every operator of :meth:`_operators`, on one measurement set."""
         chunks = self._measurement_set(trainer)
         distributed = trainer.world_size > 1
+        results = {}
         try:
             with measurement_context(pl_module, self.mode), training_step_sandbox(pl_module):
-                operator = HessianOperator(
+                hessian = HessianOperator(
                     pl_module,
                     self._loss_fn(),
                     chunks,
@@ -292,32 +302,35 @@ class SharpnessMonitor(Callback):
                     seed=self.seed,
                     reduce=_all_reduce_sum if distributed else None,
                 )
-                result = lanczos(
-                    operator,
-                    self.top_k,
-                    init=self._warm_start,
-                    tol=self.tol,
-                    max_iter=self.max_iter,
-                    generator=torch.Generator().manual_seed(self.seed),
-                    stop_rule=self.stop_rule,
-                    agree=_rank_zero_value if distributed else None,
-                )
+                for name, operator in self._operators(trainer, hessian).items():
+                    results[name] = lanczos(
+                        operator,
+                        self.top_k,
+                        init=self._warm_starts.get(name),
+                        tol=self.tol,
+                        max_iter=self.max_iter,
+                        generator=torch.Generator().manual_seed(self.seed),
+                        stop_rule=self.stop_rule,
+                        agree=_rank_zero_value if distributed else None,
+                    )
         except NonFiniteCurvatureError as err:
             rank_zero_warn(
                 f"{type(self).__name__} skipped the measurement at step "
                 f"{trainer.global_step}: {err}"
             )
             return None
-        if not torch.isfinite(result.eigenvalues).all():
-            rank_zero_warn(f"Non-finite eigenvalue at step {trainer.global_step}; skipped.")
-            return None
-        if not result.converged:
-            rank_zero_warn(
-                f"Lanczos did not reach tol={self.tol} in {self.max_iter} products at step "
-                f"{trainer.global_step}; logging the best estimate."
-            )
-        self._warm_start = result.restart_vectors.detach()
-        return result
+        for name, result in results.items():
+            if not torch.isfinite(result.eigenvalues).all():
+                rank_zero_warn(f"Non-finite eigenvalue at step {trainer.global_step}; skipped.")
+                return None
+            if not result.converged:
+                rank_zero_warn(
+                    f"Lanczos ({name}) did not reach tol={self.tol} in {self.max_iter} products "
+                    f"at step {trainer.global_step}; logging the best estimate."
+                )
+        for name, result in results.items():
+            self._warm_starts[name] = result.restart_vectors.detach()
+        return results
 
     def measure(self, trainer: Trainer, pl_module: L.LightningModule) -> dict[str, float] | None:
         """Measure now and return the metrics (``None`` if the measurement was skipped).
@@ -325,28 +338,32 @@ class SharpnessMonitor(Callback):
         Under DDP this runs collectives: call it on every rank, never from a
         rank-zero-only function.
         """
-        result = self._top_eigenpairs(trainer, pl_module)
-        if result is None:
+        results = self._spectra(trainer, pl_module)
+        if not results:
             return None
-        eigenvalues = result.eigenvalues.tolist()
+        metrics = self._metrics(trainer, results)
+        metrics["eos/lanczos_iters"] = float(sum(r.num_iterations for r in results.values()))
+        return metrics
+
+    def _metrics(self, trainer: Trainer, results: dict[str, LanczosResult]) -> dict[str, float]:
+        eigenvalues = results["hessian"].eigenvalues.tolist()
         metrics = {"eos/sharpness": eigenvalues[0]}
         metrics.update({f"eos/eig_{i}": v for i, v in enumerate(eigenvalues[1:], start=2)})
         threshold = self._threshold_now(trainer)
         if threshold is not None:
             metrics["eos/threshold"] = threshold
             metrics["eos/sharpness_ratio"] = eigenvalues[0] / threshold
-        metrics["eos/lanczos_iters"] = float(result.num_iterations)
         return metrics
 
     # --- persistence ------------------------------------------------------------------
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        warm = None if self._warm_start is None else self._warm_start.detach().cpu()
-        return {"last_step": self._last_step, "warm_start": warm, "history": list(self.history)}
+        warm = {k: v.detach().cpu() for k, v in self._warm_starts.items()}
+        return {"last_step": self._last_step, "warm_starts": warm, "history": list(self.history)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = state_dict.get("last_step")
-        self._warm_start = state_dict.get("warm_start")
+        self._warm_starts = dict(state_dict.get("warm_starts", {}))
         self.history = list(state_dict.get("history", []))

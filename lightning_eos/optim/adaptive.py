@@ -328,6 +328,22 @@ class FrozenAdam(Optimizer):
         return self.state[p]["preconditioner"]
 
     @classmethod
+    def like(cls, optimizer: Optimizer) -> FrozenAdam:
+        """A FrozenAdam over the same param groups, without state (to load a checkpoint into).
+
+        Every key of the source groups is kept (``lr``, ``weight_decay``, a scheduler's
+        ``initial_lr`` ...); ``beta1`` comes from ``betas``.
+        """
+        groups = []
+        for group in optimizer.param_groups:
+            beta1 = group["betas"][0] if "betas" in group else group["beta1"]
+            decoupled = bool(group.get("decoupled_weight_decay", False)) or isinstance(
+                optimizer, torch.optim.AdamW
+            )
+            groups.append({**group, "beta1": beta1, "decoupled_weight_decay": decoupled})
+        return cls(groups)
+
+    @classmethod
     def from_optimizer(cls, optimizer: Any) -> FrozenAdam:
         """Freeze a live EMA-heavy-ball optimizer (Adam, AdamW, AMSGrad, Padam) in place.
 
@@ -347,21 +363,15 @@ class FrozenAdam(Optimizer):
                 f"FrozenAdam continues EMA heavy-ball momentum; {type(source).__name__} uses "
                 f"{reading.momentum} momentum."
             )
-        groups = []
-        for group in source.param_groups:
-            decoupled = bool(group.get("decoupled_weight_decay", False))
-            beta1 = group["betas"][0] if "betas" in group else group["beta1"]
-            extra = {k: v for k, v in group.items() if k not in ("params",)}
-            extra.update(beta1=beta1, decoupled_weight_decay=decoupled)
-            groups.append({**extra, "params": list(group["params"])})
-        frozen = cls(groups)
+        frozen = cls.like(source)
         moved = dict(zip(map(id, reading.params), reading.diagonal, strict=True))
         for group in frozen.param_groups:
             threshold = _frozen_threshold(group)
             for p in group["params"]:
                 if id(p) not in moved:
                     continue  # never stepped by the source: no preconditioner, no momentum
-                scale = threshold / reading.threshold  # keep lambda_1 / threshold unchanged
+                # lambda_1(P^-1 H) / threshold unchanged: P scales like threshold_source / ours
+                scale = reading.threshold / threshold
                 state = frozen.state[p]
                 state["preconditioner"] = (moved[id(p)] * scale).detach().clone()
                 state["exp_avg"] = source.state[p]["exp_avg"].detach().clone()

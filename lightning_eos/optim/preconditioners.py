@@ -352,11 +352,16 @@ class _AdafactorTracker:
         self.optimizer = optimizer
         self.record: dict[int, tuple[Tensor, Tensor, float]] = {}
         self._pending: dict[int, Tensor] = {}
-        self._handles = [
-            optimizer.register_step_pre_hook(self._before),
-            optimizer.register_step_post_hook(self._after),
-        ]
+        self._handles: list[Any] = []
         _ADAFACTOR_RECORDS[optimizer] = self
+
+    def attach(self) -> _AdafactorTracker:
+        if not self._handles:
+            self._handles = [
+                self.optimizer.register_step_pre_hook(self._before),
+                self.optimizer.register_step_post_hook(self._after),
+            ]
+        return self
 
     def _stepped(self) -> list[tuple[dict[str, Any], Tensor]]:
         groups = self.optimizer.param_groups
@@ -382,10 +387,10 @@ class _AdafactorTracker:
         self._pending = {}
 
     def remove(self) -> None:
+        """Stop recording; the last record stays readable until the optimizer steps again."""
         for handle in self._handles:
             handle.remove()
-        if _ADAFACTOR_RECORDS.get(self.optimizer) is self:
-            del _ADAFACTOR_RECORDS[self.optimizer]
+        self._handles = []
 
 
 def track_preconditioner(optimizer: Any) -> _AdafactorTracker | None:
@@ -399,7 +404,7 @@ def track_preconditioner(optimizer: Any) -> _AdafactorTracker | None:
     if _ADAFACTOR is None or type(optimizer) is not _ADAFACTOR:
         return None
     existing = _ADAFACTOR_RECORDS.get(optimizer)
-    return existing if existing is not None else _AdafactorTracker(optimizer)
+    return (existing or _AdafactorTracker(optimizer)).attach()
 
 
 if _ADAFACTOR is not None:
