@@ -18,18 +18,20 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from lightning_eos.callbacks import SharpnessMonitor
+from lightning_eos.callbacks import PreconditionedSharpnessMonitor, SharpnessMonitor
 from lightning_eos.data import DigitsDataModule
 
 
 class Net(L.LightningModule):
-    def __init__(self, batchnorm: bool = False, dropout: float = 0.0, lr: float = 0.5):
+    def __init__(
+        self, batchnorm: bool = False, dropout: float = 0.0, lr: float = 0.5, adam: bool = False
+    ):
         super().__init__()
         norm = nn.BatchNorm1d(16) if batchnorm else nn.Identity()
         self.net = nn.Sequential(
             nn.Linear(64, 16), norm, nn.Tanh(), nn.Dropout(dropout), nn.Linear(16, 10)
         )
-        self.lr = lr
+        self.lr, self.adam = lr, adam
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -38,6 +40,8 @@ class Net(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
+        if self.adam:
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
 
@@ -89,7 +93,7 @@ def main() -> None:
 
     L.seed_everything(0, verbose=False)
     scenario = args.scenario
-    full_batch = scenario in ("exact", "bn")
+    full_batch = scenario in ("exact", "bn", "adam")
     data = DigitsDataModule(
         num_train=200,
         num_val=50,
@@ -101,8 +105,10 @@ def main() -> None:
         batchnorm=scenario in ("bn", "perturb"),
         dropout=0.2 if scenario == "perturb" else 0.0,
         lr=1e-12 if scenario == "bn" else 0.5,
+        adam=scenario == "adam",
     )
-    monitor = SharpnessMonitor(
+    monitor_type = PreconditionedSharpnessMonitor if scenario == "adam" else SharpnessMonitor
+    monitor = monitor_type(
         every_n_steps=2,
         top_k=2,
         num_samples=100,
@@ -127,7 +133,7 @@ def main() -> None:
         accelerator="cpu",
         devices=args.devices,
         strategy=args.strategy if args.devices > 1 else "auto",
-        max_steps={"exact": 4, "bn": 1, "perturb": 6, "nan": 6}.get(scenario, 8),
+        max_steps={"exact": 4, "adam": 4, "bn": 1, "perturb": 6, "nan": 6}.get(scenario, 8),
         logger=CSVLogger(out, name="csv"),
         callbacks=callbacks,
         enable_checkpointing=scenario == "resume-full",
@@ -147,7 +153,9 @@ def main() -> None:
             "probe": probe.seen,
             "params": {k: v.clone() for k, v in model.state_dict().items()},
             "grads": [p.grad.clone() for p in model.parameters()],
-            "momentum": [s["momentum_buffer"].clone() for s in optimizer.state.values()],
+            "momentum": [
+                s.get("momentum_buffer", s.get("exp_avg")).clone() for s in optimizer.state.values()
+            ],
             "rng": (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()),
         },
         out / f"rank{trainer.global_rank}.pt",

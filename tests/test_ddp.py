@@ -31,13 +31,22 @@ def _fit(out: Path, scenario: str, devices: int = 2, *extra: str) -> list[dict]:
     return [torch.load(p, weights_only=False) for p in sorted(out.glob("rank*.pt"))]
 
 
-def _logged(out: Path) -> dict[int, dict[str, float]]:
+PRECONDITIONED = (
+    "eos/preconditioned_sharpness",
+    "eos/preconditioned_eig_2",
+    "eos/preconditioned_threshold",
+    "eos/sharpness",
+    "eos/eig_2",
+)
+
+
+def _logged(out: Path, keys: tuple[str, ...] = KEYS) -> dict[int, dict[str, float]]:
     (path,) = out.glob("csv/version_*/metrics.csv")
     with open(path) as f:
         rows = [r for r in csv.DictReader(f) if r.get("eos/sharpness")]
     steps = [int(r["step"]) for r in rows]
     assert len(steps) == len(set(steps)), "a measurement was logged more than once"
-    return {int(r["step"]): {k: float(r[k]) for k in KEYS if r.get(k)} for r in rows}
+    return {int(r["step"]): {k: float(r[k]) for k in keys if r.get(k)} for r in rows}
 
 
 def _assert_same_logs(a: dict, b: dict, rel: float = 1e-5) -> None:
@@ -66,6 +75,14 @@ def test_ddp_logs_the_single_process_values(tmp_path, single_process, strategy):
             assert record["eos/sharpness"] == pytest.approx(
                 logged[record["step"]]["eos/sharpness"], rel=1e-6
             )
+
+
+def test_preconditioned_monitor_under_ddp_logs_the_single_process_values(tmp_path):
+    _fit(tmp_path / "one", "adam", devices=1)
+    _fit(tmp_path / "two", "adam", devices=2)
+    one, two = _logged(tmp_path / "one", PRECONDITIONED), _logged(tmp_path / "two", PRECONDITIONED)
+    assert sorted(two) == [0, 2, 4] and "eos/preconditioned_sharpness" in two[4]
+    _assert_same_logs(one, two)
 
 
 def test_batchnorm_chunks_are_the_same_across_ranks(tmp_path):
