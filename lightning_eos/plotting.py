@@ -6,10 +6,33 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
+def _draw(ax, history, prefix: str, symbol: str, threshold_key: str | None) -> None:
+    steps = [h["step"] for h in history]
+    k = 2
+    while any(f"{prefix}eig_{k}" in h for h in history):
+        ax.plot(
+            steps,
+            [h.get(f"{prefix}eig_{k}") for h in history],
+            lw=0.8,
+            alpha=0.5,
+            label=f"$\\lambda_{k}{symbol}$",
+        )
+        k += 1
+    key = f"{prefix}sharpness"
+    ax.plot(steps, [h.get(key) for h in history], color="C0", label=f"$\\lambda_1{symbol}$")
+    if threshold_key and any(threshold_key in h for h in history):
+        ax.plot(steps, [h.get(threshold_key) for h in history], "k--", label="threshold")
+    ax.set_xlabel("step")
+    ax.legend(loc="lower right")
+
+
 def plot_sharpness(
     history: Sequence[dict[str, float]], path: str | Path, title: str | None = None
 ) -> Path:
     """Draw :math:`\\lambda_1` (and :math:`\\lambda_{2..k}`) with the threshold, dashed.
+
+    A history with ``eos/preconditioned_sharpness`` gets two panels: :math:`\\lambda_i(P^{-1}H)`
+    with its threshold, and the raw :math:`\\lambda_i(H)` (no threshold: paper 002, §6).
 
     Args:
         history: the monitor's records: ``{"step": ..., "eos/sharpness": ..., ...}``.
@@ -24,25 +47,29 @@ def plot_sharpness(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [h["step"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    k = 2
-    while any(f"eos/eig_{k}" in h for h in history):
-        ax.plot(
-            steps,
-            [h.get(f"eos/eig_{k}") for h in history],
-            lw=0.8,
-            alpha=0.5,
-            label=f"$\\lambda_{k}$",
+    preconditioned = [h for h in history if "eos/preconditioned_sharpness" in h]
+    raw = [h for h in history if "eos/sharpness" in h]
+    if preconditioned:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+        _draw(
+            axes[0],
+            preconditioned,
+            "eos/preconditioned_",
+            "(P^{-1}H)",
+            "eos/preconditioned_threshold",
         )
-        k += 1
-    ax.plot(steps, [h["eos/sharpness"] for h in history], color="C0", label="$\\lambda_1$")
-    if any("eos/threshold" in h for h in history):
-        ax.plot(steps, [h.get("eos/threshold") for h in history], "k--", label="threshold")
-    ax.set_xlabel("step")
-    ax.set_ylabel("sharpness")
-    ax.set_title(title or "sharpness and its stability threshold")
-    ax.legend(loc="lower right")
+        axes[0].set_ylabel("preconditioned sharpness")
+        axes[0].set_title("$\\lambda(P^{-1}H)$ and its stability threshold")
+        _draw(axes[1], raw, "eos/", "(H)", None)
+        axes[1].set_ylabel("sharpness")
+        axes[1].set_title("raw $\\lambda(H)$")
+        if title:
+            fig.suptitle(title)
+    else:
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        _draw(ax, raw, "eos/", "", "eos/threshold")
+        ax.set_ylabel("sharpness")
+        ax.set_title(title or "sharpness and its stability threshold")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,15 +78,17 @@ def plot_sharpness(
     return path
 
 
-def edge_summary(history: Sequence[dict[str, float]], tail: float = 0.5) -> dict[str, float]:
-    """Mean, min and max of ``eos/sharpness_ratio`` over the last ``tail`` of the records.
+def edge_summary(
+    history: Sequence[dict[str, float]], tail: float = 0.5, key: str = "eos/sharpness_ratio"
+) -> dict[str, float]:
+    """Mean, min and max of ``key`` (a ratio to the threshold) over the last ``tail`` of records.
 
     >>> edge_summary([{"eos/sharpness_ratio": r} for r in (0.2, 0.5, 1.0, 1.1)])
     {'mean': 1.05, 'min': 1.0, 'max': 1.1, 'count': 2}
     """
-    ratios = [h["eos/sharpness_ratio"] for h in history if "eos/sharpness_ratio" in h]
+    ratios = [h[key] for h in history if key in h]
     if not ratios:
-        raise ValueError("No eos/sharpness_ratio was recorded (is a threshold set?).")
+        raise ValueError(f"No {key} was recorded (is a threshold set?).")
     late = ratios[int(len(ratios) * (1 - tail)) :] or ratios[-1:]
     return {
         "mean": round(sum(late) / len(late), 12),

@@ -18,7 +18,10 @@ if TYPE_CHECKING:
 
 
 class SharpnessPlot(Callback):
-    """At the end of fit, plot every :class:`SharpnessMonitor`'s history and summarize it.
+    """At the end of fit, plot every sharpness monitor's history and summarize it.
+
+    Works for :class:`SharpnessMonitor` and its subclass
+    :class:`~lightning_eos.callbacks.PreconditionedSharpnessMonitor` (two panels).
 
     Args:
         filename: image name, written into ``dirpath``.
@@ -43,9 +46,13 @@ class SharpnessPlot(Callback):
             path = plot_sharpness(monitor.history, folder / name)
             self.paths.append(path)
             rank_zero_info(f"Sharpness plot written to {path}")
-            if any("eos/sharpness_ratio" in h for h in monitor.history):
-                s = edge_summary(monitor.history, self.tail)
-                rank_zero_info(
-                    f"lambda_1 / threshold over the last {s['count']} measurements: "
-                    f"mean {s['mean']:.3f}, range [{s['min']:.3f}, {s['max']:.3f}]"
-                )
+            for key, label in (
+                ("eos/sharpness_ratio", "lambda_1"),
+                ("eos/preconditioned_sharpness_ratio", "lambda_1(P^-1 H)"),
+            ):
+                if any(key in h for h in monitor.history):
+                    s = edge_summary(monitor.history, self.tail, key)
+                    rank_zero_info(
+                        f"{label} / threshold over the last {s['count']} measurements: "
+                        f"mean {s['mean']:.3f}, range [{s['min']:.3f}, {s['max']:.3f}]"
+                    )
