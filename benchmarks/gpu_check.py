@@ -1,0 +1,209 @@
+"""The monitors on a CUDA device: exactness, precision handling, non-perturbation, cost.
+
+python benchmarks/gpu_check.py [--out DIR]     (falls back to the CPU without CUDA)
+
+A. fp32: the logged lambda_i(P^-1 H) and lambda_i(H) of Adam against a float64 dense
+   reference on the CPU, built from the final parameters and optimizer state.
+B. bf16-mixed: the same; the monitor must measure in float32 with autocast off.
+C. a BatchNorm network under SGD: train-mode lambda_i(H) against the dense reference.
+D. non-perturbation: parameters and Adam state, bit for bit, with and without monitors
+   (deterministic kernels).
+E. cost: one cold and one warm measurement of the 95k-parameter digits FCN, full batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from lightning_eos.callbacks import PreconditionedSharpnessMonitor, SharpnessMonitor  # noqa: E402
+from lightning_eos.curvature import HessianOperator, lanczos  # noqa: E402
+from lightning_eos.data import DigitsDataModule  # noqa: E402
+from lightning_eos.models import FCN  # noqa: E402
+from lightning_eos.optim import read_preconditioner  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Net(L.LightningModule):
+    def __init__(self, batchnorm: bool = False, optimizer: str = "adam"):
+        super().__init__()
+        norm = nn.BatchNorm1d(32) if batchnorm else nn.Identity()
+        self.net = nn.Sequential(nn.Linear(64, 32), norm, nn.Tanh(), nn.Linear(32, 10))
+        self.optimizer = optimizer
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        if self.optimizer == "adam":
+            return torch.optim.Adam(self.parameters(), lr=1e-2, weight_decay=1e-4)
+        return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)
+
+
+def _fit(callbacks, precision="32-true", batchnorm=False, optimizer="adam", steps=10):
+    L.seed_everything(0, verbose=False)
+    model = Net(batchnorm, optimizer)
+    trainer = L.Trainer(
+        accelerator=DEVICE,
+        devices=1,
+        precision=precision,
+        max_steps=steps,
+        deterministic=True,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=callbacks,
+    )
+    data = DigitsDataModule(num_train=256, num_val=32, batch_size=256, target="label")
+    trainer.fit(model, data)
+    return model, trainer
+
+
+def _reference(model, trainer, k=2):
+    """float64 CPU: top-k of P^-1/2 (H + L2) P^-1/2 (if an adaptive optimizer) and of H."""
+    net = model.net.to("cpu", torch.float64).train()
+    torch.func.replace_all_batch_norm_modules_(net)  # batch statistics, no buffer updates
+    x, y = trainer.datamodule.train_set.tensors
+    names = [n for n, _ in net.named_parameters()]
+    params = [p.detach() for p in net.parameters()]
+    sizes = [p.numel() for p in params]
+    buffers = {n: b.clone() for n, b in net.named_buffers()}
+
+    def loss(flat):
+        values = dict(zip(names, (v.view_as(p) for v, p in zip(flat.split(sizes), params))))
+        out = torch.func.functional_call(net, ({**values, **buffers},), (x.double(),))
+        return F.cross_entropy(out, y)
+
+    hessian = torch.func.hessian(loss)(torch.cat([p.reshape(-1) for p in params]))
+    raw = torch.linalg.eigvalsh(hessian).flip(0)[:k].tolist()
+    try:
+        reading = read_preconditioner(trainer.optimizers[0])
+    except TypeError:
+        return None, raw
+    diagonal = torch.cat([d.reshape(-1).cpu() for d in reading.diagonal]).double()
+    l2 = torch.cat([torch.full((n,), w) for n, w in zip(sizes, reading.l2)]).double()
+    scale = diagonal.rsqrt()
+    pre = scale[:, None] * (hessian + torch.diag(l2)) * scale[None, :]
+    return torch.linalg.eigvalsh(pre).flip(0)[:k].tolist(), raw
+
+
+def _rel(measured, exact):
+    return max(abs(m - e) / abs(e) for m, e in zip(measured, exact))
+
+
+def check_exact(precision):
+    monitor = PreconditionedSharpnessMonitor(every_n_steps=5, top_k=2, num_samples=None, tol=1e-6)
+    model, trainer = _fit([monitor], precision=precision)
+    last = monitor.history[-1]
+    pre, raw = _reference(model, trainer)
+    measured_pre = [last["eos/preconditioned_sharpness"], last["eos/preconditioned_eig_2"]]
+    measured_raw = [last["eos/sharpness"], last["eos/eig_2"]]
+    return {
+        "precision": precision,
+        "preconditioned": measured_pre,
+        "preconditioned_ref": pre,
+        "preconditioned_rel_err": _rel(measured_pre, pre),
+        "raw_rel_err": _rel(measured_raw, raw),
+        "steps": [h["step"] for h in monitor.history],
+    }
+
+
+def check_batchnorm():
+    monitor = SharpnessMonitor(every_n_steps=5, top_k=2, num_samples=None, tol=1e-6)
+    model, trainer = _fit([monitor], batchnorm=True, optimizer="sgd")
+    last = monitor.history[-1]
+    _, raw = _reference(model, trainer)
+    return {"raw_rel_err": _rel([last["eos/sharpness"], last["eos/eig_2"]], raw)}
+
+
+def check_non_perturbation():
+    def run(with_monitors):
+        callbacks = (
+            [
+                PreconditionedSharpnessMonitor(every_n_steps=3, top_k=2, num_samples=128),
+                SharpnessMonitor(every_n_steps=4, num_samples=64, chunk_size=32, threshold=None),
+            ]
+            if with_monitors
+            else []
+        )
+        model, trainer = _fit(callbacks, steps=12)
+        return model, trainer.optimizers[0]
+
+    a_model, a_opt = run(True)
+    b_model, b_opt = run(False)
+    params = all(torch.equal(a, b) for a, b in zip(a_model.parameters(), b_model.parameters()))
+    state = all(
+        torch.equal(sa[key], sb[key])
+        for sa, sb in zip(a_opt.state.values(), b_opt.state.values())
+        for key in sa
+    )
+    return {"params_bit_identical": params, "adam_state_bit_identical": state}
+
+
+def check_cost():
+    torch.manual_seed(0)
+    data = DigitsDataModule(target="onehot")
+    data.setup()
+    x, y = (t.to(DEVICE) for t in data.train_set.tensors)
+    model = FCN(width=200, depth=3, activation="tanh").to(DEVICE)
+    op = HessianOperator(model, lambda m, b: F.mse_loss(m(b[0]), b[1]), [(x, y)])
+    timings = {}
+    warm = None
+    for name in ("cold", "warm", "warm_again"):
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = lanczos(op, 1, init=warm, tol=1e-3)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        timings[name] = {
+            "ms": 1000 * (time.perf_counter() - start),
+            "hvps": result.num_iterations,
+            "lambda_1": result.eigenvalues[0].item(),
+        }
+        warm = result.restart_vectors
+    return timings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=os.environ.get("OUT", "outputs/gpu_check"))
+    args = parser.parse_args()
+    report = {
+        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "lightning": L.__version__,
+    }
+    for name, check in (
+        ("A_fp32", lambda: check_exact("32-true")),
+        ("B_bf16_mixed", lambda: check_exact("bf16-mixed")),
+        ("C_batchnorm_sgd", check_batchnorm),
+        ("D_non_perturbation", check_non_perturbation),
+        ("E_cost_95k_fcn", check_cost),
+    ):
+        try:
+            report[name] = check()
+        except Exception as err:  # noqa: BLE001 - report every check, whatever fails
+            report[name] = {"error": f"{type(err).__name__}: {err}"}
+        print(name, json.dumps(report[name]), flush=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "gpu_check.json").write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
