@@ -24,8 +24,10 @@ def _offline(monkeypatch, tmp_path):
 
 
 def test_adam_reaches_the_adaptive_edge_while_the_raw_sharpness_rises():
+    config = str(ROOT / "configs" / "adam_aeos.yaml")
+    # no loggers: a W&B run here would pin wandb's process-wide settings for later tests
     cli = build_cli(
-        ["fit", "--config", str(ROOT / "configs" / "adam_aeos.yaml"), "--trainer.max_steps=300"]
+        ["fit", "--config", config, "--trainer.max_steps=300", "--trainer.logger=false"]
     )
     monitor = next(
         c for c in cli.trainer.callbacks if isinstance(c, PreconditionedSharpnessMonitor)
