@@ -50,7 +50,8 @@ def plot_sharpness(
     preconditioned = [h for h in history if "eos/preconditioned_sharpness" in h]
     raw = [h for h in history if "eos/sharpness" in h]
     if preconditioned:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+        fig, axes = plt.subplots(1, 2 if raw else 1, figsize=(10 if raw else 6, 4), dpi=100)
+        axes = list(axes) if raw else [axes]
         _draw(
             axes[0],
             preconditioned,
@@ -60,9 +61,10 @@ def plot_sharpness(
         )
         axes[0].set_ylabel("preconditioned sharpness")
         axes[0].set_title("$\\lambda(P^{-1}H)$ and its stability threshold")
-        _draw(axes[1], raw, "eos/", "(H)", None)
-        axes[1].set_ylabel("sharpness")
-        axes[1].set_title("raw $\\lambda(H)$")
+        if raw:
+            _draw(axes[1], raw, "eos/", "(H)", None)
+            axes[1].set_ylabel("sharpness")
+            axes[1].set_title("raw $\\lambda(H)$")
         if title:
             fig.suptitle(title)
     else:

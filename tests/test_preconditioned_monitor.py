@@ -30,7 +30,7 @@ OPTIMIZERS = {
 
 
 class Net(L.LightningModule):
-    def __init__(self, optimizer: str = "Adam", scheduler: bool = False):
+    def __init__(self, optimizer: str = "Adam", scheduler: str | bool = False):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(64, 6), nn.Tanh(), nn.Linear(6, 10))
         self.optimizer, self.scheduler = optimizer, scheduler
@@ -45,7 +45,14 @@ class Net(L.LightningModule):
         optimizer = OPTIMIZERS[self.optimizer](self.parameters())
         if not self.scheduler:
             return optimizer
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.9)
+        steplr = torch.optim.lr_scheduler.StepLR
+        if self.scheduler == "to_zero":  # lr 0 from step 4 on
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: float(s < 4))
+        elif self.scheduler == "sequential":
+            first, then = steplr(optimizer, 1, gamma=0.9), steplr(optimizer, 1, gamma=0.5)
+            scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [first, then], [2])
+        else:
+            scheduler = steplr(optimizer, step_size=1, gamma=0.9)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
@@ -190,6 +197,29 @@ def test_freeze_keeps_P_and_the_ratio_and_follows_the_scheduler():
     loss.backward()
     optimizer.step()
     assert torch.equal(optimizer.state[p]["preconditioner"], frozen_p)
+
+
+def test_a_learning_rate_annealed_to_zero_skips_the_preconditioned_part_only():
+    monitor = PreconditionedSharpnessMonitor(every_n_steps=2, num_samples=64)
+    with pytest.warns(UserWarning, match="No preconditioned sharpness at step 4"):
+        _fit([monitor], "Adam", max_steps=6, model_kwargs={"scheduler": "to_zero"})
+    by_step = {h["step"]: h for h in monitor.history}
+    assert sorted(by_step) == [0, 2, 4, 6]  # training and raw measurements go on
+    assert "eos/preconditioned_sharpness" in by_step[2]
+    assert "eos/preconditioned_sharpness" not in by_step[4] and "eos/sharpness" in by_step[4]
+
+
+def test_freeze_repoints_nested_schedulers_and_a_reused_callback_freezes_again():
+    freeze = FreezePreconditioner(at_step=3)
+    for _ in range(2):  # the second fit trains a new Adam, which is frozen at step 3 again
+        model, trainer = _fit(
+            [freeze], "Adam", max_steps=5, model_kwargs={"scheduler": "sequential"}
+        )
+        optimizer = trainer.optimizers[0]
+        assert isinstance(optimizer, FrozenAdam)
+        sequential = trainer.lr_scheduler_configs[0].scheduler
+        assert all(s.optimizer is optimizer for s in [sequential, *sequential._schedulers])
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5**3)  # SequentialLR
 
 
 def test_freeze_then_resume_matches_the_uninterrupted_run(tmp_path):

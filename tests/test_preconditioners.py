@@ -152,6 +152,49 @@ def test_param_groups_fold_their_learning_rates_into_P():
     torch.testing.assert_close(b.detach(), expected, rtol=0, atol=1e-12)
 
 
+def test_groups_with_other_lr_decay_and_step_counts_replay_with_one_step_size():
+    a, b = _params()
+    c = torch.nn.Parameter(torch.ones(5, dtype=torch.float64))
+    groups = [
+        {"params": [a]},
+        {"params": [b, c], "lr": 3 * LR, "weight_decay": 0.2},  # coupled decay: into H
+    ]
+    opt = torch.optim.Adam(groups, lr=LR, weight_decay=0.1)
+    _random_steps(opt, [a, b], 3)  # c starts late: its step count, so its bias correction, lags
+    before = {id(p): p.detach().clone() for p in (a, b, c)}
+    _random_steps(opt, [a, b, c], 1, seed=2)
+    reading = read_preconditioner(opt)
+    t_ref = float(opt.state[a]["step"])
+    assert float(opt.state[c]["step"]) == 1 and t_ref == 4
+    assert reading.l2 == (0.1, 0.2, 0.2)
+    for p, P in zip(reading.params, reading.diagonal, strict=True):  # noqa: N806
+        # every parameter moves by the reference step size on its folded P
+        expected = before[id(p)] - LR / (1 - 0.9**t_ref) * opt.state[p]["exp_avg"] / P
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-12)
+
+
+def test_zero_learning_rates_move_nothing():
+    a, b = _params()
+    opt = torch.optim.Adam([{"params": [a]}, {"params": [b], "lr": 0.0}], lr=LR)
+    _random_steps(opt, [a, b], 2)
+    reading = read_preconditioner(opt)
+    assert [id(p) for p in reading.params] == [id(a)]  # b is frozen: P = inf, rows drop out
+    diagonal, _ = reading.flat([a, b])
+    assert torch.isinf(diagonal[a.numel() :]).all()
+    opt.param_groups[0]["lr"] = 0.0  # a schedule annealed to zero
+    with pytest.raises(PreconditionerNotReadyError, match="learning rate 0"):
+        read_preconditioner(opt)
+
+
+def test_complex_parameters_are_refused():
+    z = torch.nn.Parameter(torch.ones(2, dtype=torch.complex64))
+    opt = torch.optim.Adam([z])
+    z.grad = torch.ones(2, dtype=torch.complex64)
+    opt.step()
+    with pytest.raises(UnsupportedOptimizerError, match="Complex"):
+        read_preconditioner(opt)
+
+
 def test_frozen_adam_from_a_bias_corrected_adam_is_paper_eq_2():
     params = _params()
     adam = torch.optim.AdamW(params, lr=LR, weight_decay=0.5, amsgrad=True)

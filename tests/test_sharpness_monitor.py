@@ -295,6 +295,9 @@ def test_state_dict_round_trip():
     fresh = SharpnessMonitor(every_n_steps=3)
     fresh.load_state_dict(state)
     assert fresh._last_step == 3 and torch.equal(fresh._warm_starts["hessian"], warm)
+    legacy = SharpnessMonitor(every_n_steps=3)  # a checkpoint from before warm_starts
+    legacy.load_state_dict({"last_step": 3, "warm_start": warm, "history": []})
+    assert torch.equal(legacy._warm_starts["hessian"], warm)
     assert fresh.history == monitor.history
 
 

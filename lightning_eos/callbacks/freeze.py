@@ -22,8 +22,12 @@ class FreezePreconditioner(Callback):
     non-adaptive edge, §4). :meth:`FrozenAdam.from_optimizer` keeps the parameters, the
     param groups (so learning-rate schedulers keep driving them), the first moment and
     :math:`P_t`, scaled so that :math:`\\lambda_1(P^{-1}H)` over its threshold is
-    continuous. Schedulers are re-pointed at the new optimizer. The source must be an
-    EMA-heavy-ball optimizer: Adam, AdamW (also AMSGrad), or ours (Adam, Padam).
+    continuous. Schedulers, nested ones included, are re-pointed at the new optimizer.
+    The source must be an EMA-heavy-ball optimizer: Adam, AdamW (also AMSGrad), or ours
+    (Adam, Padam), not wrapped (e.g. by SAM). With bias correction the frozen :math:`P`
+    is paper 002's eq. (2), :math:`(1-\\beta_1^t)` times the reader's, so the logged
+    ``eos/preconditioned_sharpness`` and threshold both change by that factor at the swap
+    while their ratio does not.
 
     Checkpoints hold the frozen optimizer's state; on resume past ``at_step`` the
     callback swaps in an empty FrozenAdam before Lightning loads that state.
@@ -38,6 +42,7 @@ class FreezePreconditioner(Callback):
             raise ValueError(f"at_step={at_step} must be at least 1 (the optimizer must step).")
         self.at_step = at_step
         self.frozen = False
+        self._restored = False  # frozen state came from a checkpoint of this fit
 
     @property
     @override
@@ -48,8 +53,21 @@ class FreezePreconditioner(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: L.LightningModule) -> None:
         if len(trainer.optimizers) != 1:
             raise ValueError(f"{type(self).__name__} needs exactly one optimizer.")
-        if self.frozen:  # resumed after the swap: Lightning loads the frozen state next
-            self._swap(trainer, FrozenAdam.like(unwrap_optimizer(trainer.optimizers[0])))
+        if trainer.strategy.restore_checkpoint_after_setup:
+            raise ValueError(
+                f"{type(self).__name__} does not support {type(trainer.strategy).__name__}: "
+                "it restores checkpoints after the optimizer would have to be swapped."
+            )
+        if unwrap_optimizer(trainer.optimizers[0]) is not trainer.optimizers[0]:
+            raise ValueError(
+                f"{type(self).__name__} would drop the wrapper around the base optimizer "
+                f"({type(trainer.optimizers[0]).__name__}); freeze the base optimizer directly."
+            )
+        if self.frozen and self._restored:  # resumed after the swap: Lightning loads it next
+            self._swap(trainer, FrozenAdam.like(trainer.optimizers[0]))
+        else:  # a new fit with this callback object trains a new optimizer
+            self.frozen = False
+        self._restored = False
 
     @override
     def on_train_batch_end(
@@ -61,11 +79,17 @@ class FreezePreconditioner(Callback):
 
     @staticmethod
     def _swap(trainer: Trainer, frozen: FrozenAdam) -> None:
-        old = unwrap_optimizer(trainer.optimizers[0])
+        old = trainer.optimizers[0]
         trainer.strategy.optimizers = [frozen]
+
+        def repoint(scheduler: Any) -> None:  # also SequentialLR's and ChainedScheduler's
+            if getattr(scheduler, "optimizer", None) is old:
+                scheduler.optimizer = frozen
+            for child in getattr(scheduler, "_schedulers", []):
+                repoint(child)
+
         for config in trainer.lr_scheduler_configs:
-            if getattr(config.scheduler, "optimizer", None) is old:
-                config.scheduler.optimizer = frozen
+            repoint(config.scheduler)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -74,3 +98,4 @@ class FreezePreconditioner(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.frozen = bool(state_dict.get("frozen", False))
+        self._restored = True

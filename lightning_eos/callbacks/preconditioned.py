@@ -20,12 +20,12 @@ from lightning_eos.curvature import (
     StopRule,
 )
 from lightning_eos.optim.preconditioners import (
-    Preconditioner,
     PreconditionerNotReadyError,
     read_preconditioner,
     track_preconditioner,
     unwrap_optimizer,
 )
+from lightning_eos.thresholds import UnsupportedOptimizerError
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
@@ -112,7 +112,7 @@ class PreconditionedSharpnessMonitor(SharpnessMonitor):
             seed=seed,
         )
         self.raw_sharpness = raw_sharpness
-        self._reading: Preconditioner | None = None
+        self._reading_threshold: float | None = None  # of the last measurement's reading
         self._tracker: Any = None
 
     def _optimizer(self, trainer: Trainer) -> Any:
@@ -137,22 +137,24 @@ class PreconditionedSharpnessMonitor(SharpnessMonitor):
         super().on_train_start(trainer, pl_module)
 
     @override
-    def on_train_end(self, trainer: Trainer, pl_module: L.LightningModule) -> None:
-        if self._tracker is not None:
+    def teardown(self, trainer: Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._tracker is not None:  # also after an exception
             self._tracker.remove()
             self._tracker = None
 
     @override
     def _operators(self, trainer: Trainer, hessian: HessianOperator) -> dict[str, Any]:
         operators = {"hessian": hessian} if self.raw_sharpness else {}
+        self._reading_threshold = None
         try:  # the optimizer may have been swapped (FreezePreconditioner): read it now
-            self._reading = read_preconditioner(self._optimizer(trainer))
-        except PreconditionerNotReadyError as err:
-            self._reading = None
+            reading = read_preconditioner(self._optimizer(trainer))
+        except (PreconditionerNotReadyError, UnsupportedOptimizerError) as err:
+            # nothing to read yet, or a state the registry cannot fold (training goes on)
             if trainer.global_step > 0:
                 rank_zero_warn(f"No preconditioned sharpness at step {trainer.global_step}: {err}")
             return operators
-        diagonal, shift = self._reading.flat(hessian.params)
+        self._reading_threshold = reading.threshold
+        diagonal, shift = reading.flat(hessian.params)
         operators["preconditioned"] = PreconditionedOperator(hessian, diagonal, shift)
         return operators
 
@@ -177,5 +179,5 @@ class PreconditionedSharpnessMonitor(SharpnessMonitor):
 
     def _preconditioned_threshold(self) -> float | None:
         if self.threshold == "auto":
-            return None if self._reading is None else self._reading.threshold
+            return self._reading_threshold
         return None if self.threshold is None else float(self.threshold)

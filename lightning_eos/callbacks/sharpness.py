@@ -321,7 +321,10 @@ class SharpnessMonitor(Callback):
             return None
         for name, result in results.items():
             if not torch.isfinite(result.eigenvalues).all():
-                rank_zero_warn(f"Non-finite eigenvalue at step {trainer.global_step}; skipped.")
+                rank_zero_warn(
+                    f"Non-finite eigenvalue ({name}) at step {trainer.global_step}; the "
+                    "measurement is skipped."
+                )
                 return None
             if not result.converged:
                 rank_zero_warn(
@@ -366,4 +369,6 @@ class SharpnessMonitor(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = state_dict.get("last_step")
         self._warm_starts = dict(state_dict.get("warm_starts", {}))
+        if state_dict.get("warm_start") is not None:  # checkpoints before warm starts by operator
+            self._warm_starts.setdefault("hessian", state_dict["warm_start"])
         self.history = list(state_dict.get("history", []))

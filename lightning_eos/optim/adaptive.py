@@ -115,15 +115,9 @@ class Adam(Optimizer):
         )
         super().__init__(params, defaults)
 
-    def preconditioner(self, p: Tensor) -> Tensor:
-        """The denominator :math:`P_t` of the last step of ``p``."""
-        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
-        state = self.state[p]
-        nu = state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"]
-        return self._denominator(nu, group, float(state["step"]))
-
     @staticmethod
     def _denominator(nu: Tensor, group: dict[str, Any], step: float) -> Tensor:
+        """:math:`P_t` from :math:`\\hat\\nu_t` (the registry reads it with this too)."""
         beta2, exponent = group["betas"][1], group["exponent"]
         if group["bias_correction"]:
             nu = nu / (1 - beta2**step)
@@ -227,11 +221,6 @@ class Nadam(Optimizer):
         )
         super().__init__(params, defaults)
 
-    def preconditioner(self, p: Tensor) -> Tensor:
-        """The denominator :math:`\\sqrt{\\nu_t} + \\epsilon` of the last step of ``p``."""
-        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
-        return self.state[p]["exp_avg_sq"].sqrt().add_(group["eps"])
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = _closure_loss(closure)
@@ -322,10 +311,6 @@ class FrozenAdam(Optimizer):
             if not bool((pc > 0).all()):
                 raise ValueError("The preconditioner must be positive.")
             self.state[p]["preconditioner"] = pc.detach().to(p).clone()
-
-    def preconditioner(self, p: Tensor) -> Tensor:
-        """The frozen :math:`P` of ``p``."""
-        return self.state[p]["preconditioner"]
 
     @classmethod
     def like(cls, optimizer: Optimizer) -> FrozenAdam:

@@ -30,9 +30,7 @@ threshold. For each registered optimizer, :math:`P_t` and :math:`(a, b, \\beta)`
 Decoupled weight decay (AdamW, ``decoupled_weight_decay=True``, Adafactor) is
 :math:`c = \\eta w`; coupled (L2) weight decay :math:`w` makes the optimizer descend
 :math:`L + \\tfrac w2\\lVert\\theta\\rVert^2`, so the matrix whose stability matters is
-:math:`P^{-1}(H + wI)` and :attr:`Preconditioner.l2` carries :math:`w`. NAdam's
-:math:`\\mu_t = \\beta_1(1 - \\tfrac12 0.96^{t\\psi})` and :math:`\\Pi_t = \\prod_{s\\le t}
-\\mu_s`.
+:math:`P^{-1}(H + wI)` and :attr:`Preconditioner.l2` carries :math:`w`.
 
 Adafactor (``torch.optim.Adafactor``) divides by :math:`\\sqrt{\\max(V_t, \\epsilon_1^2)}`
 (its factored second moment) and steps
@@ -44,8 +42,9 @@ Adafactor (``torch.optim.Adafactor``) divides by :math:`\\sqrt{\\max(V_t, \\epsi
 
 Param groups (or tensors) with different step sizes: the :math:`P` of each is scaled by
 its threshold over the first one's, so one threshold holds for all (exact when they
-share :math:`\\beta`, :math:`a/b` and :math:`c`; different decoupled decay :math:`c` is
-an approximation of relative size :math:`\\le \\max_g c_g/2`). Parameters the
+share :math:`\\beta`, :math:`a/b` and :math:`c`; with different decoupled decays
+:math:`c_g` the frozen dynamics no longer separate, and the folded threshold is an
+approximation whose error is of the order of :math:`\\max_g c_g`). Parameters the
 optimizer does not move get :math:`P = \\infty` (their rows drop out).
 
 New optimizers: :func:`register_preconditioner`.
@@ -94,7 +93,8 @@ class StepBlock:
     momentum: str
     decay: float = 0.0
     l2: float = 0.0
-    reference_threshold: float | None = None  # state the threshold for this instead
+    # the threshold to report instead of the first block's (P is scaled to match)
+    reference_threshold: float | None = None
 
     @property
     def threshold(self) -> float:
@@ -200,10 +200,12 @@ def read_preconditioner(optimizer: Any) -> Preconditioner:
         PreconditionerNotReadyError: no parameter has stepped yet.
     """
     optimizer = unwrap_optimizer(optimizer)
-    blocks = [b for b in _reader(optimizer)(optimizer) if b.params]
+    # a zero step size (lr=0 to freeze a group, a schedule annealed to 0) moves nothing
+    blocks = [b for b in _reader(optimizer)(optimizer) if b.params and b.grad_lr + b.momentum_lr]
     if not blocks:
         raise PreconditionerNotReadyError(
-            f"{type(optimizer).__name__} has not stepped yet: no preconditioner to read."
+            f"{type(optimizer).__name__} has not stepped yet (or steps with learning rate "
+            "0): no preconditioner to read."
         )
     reference = blocks[0]
     for block in blocks[1:]:
@@ -212,7 +214,9 @@ def read_preconditioner(optimizer: Any) -> Preconditioner:
                 "The param groups use different momentum (beta or Nesterov mix); no single "
                 "threshold on the preconditioned sharpness exists."
             )
-    threshold = reference.reference_threshold or reference.threshold
+    threshold = reference.threshold
+    if reference.reference_threshold is not None:
+        threshold = reference.reference_threshold
     params, diagonal, l2 = [], [], []
     for block in blocks:
         scale = block.threshold / threshold  # P -> P * T_block / T keeps lambda/T per block
@@ -258,8 +262,17 @@ def _per_param_blocks(
         for p in group["params"]:
             state = optimizer.state.get(p, {})
             if key in state and float(state.get("step", 1)) > 0:
+                _check_real(p)
                 blocks.append(block(group, p, state))
     return blocks
+
+
+def _check_real(p: Tensor) -> None:
+    if p.is_complex():
+        raise UnsupportedOptimizerError(
+            "Complex parameters are not supported: the Hessian of a real loss in complex "
+            "parameters is not the matrix the preconditioner acts on entrywise."
+        )
 
 
 # --- torch.optim ----------------------------------------------------------------------
@@ -345,27 +358,27 @@ def _adafactor_variance(p: Tensor, state: dict, eps1: float) -> Tensor:
 class _AdafactorTracker:
     """Records :math:`\\mathrm{RMS}(\\theta_{t-1})` and :math:`\\mathrm{RMS}(u_t)` at every step.
 
-    Read-only: the hooks compute norms and never touch parameters, state or RNG.
+    Read-only: the hooks never touch parameters, state or RNG. The pre-step hook takes
+    one norm per parameter; the post-step hook rebuilds the update :math:`u_t` (the
+    factored second moment times the gradient) to take its RMS, about the cost of
+    Adafactor's own step.
     """
 
     def __init__(self, optimizer: Optimizer) -> None:
-        self.optimizer = optimizer
+        self._optimizer = weakref.ref(optimizer)  # the registry must not keep it alive
         self.record: dict[int, tuple[Tensor, Tensor, float]] = {}
         self._pending: dict[int, Tensor] = {}
         self._handles: list[Any] = []
         _ADAFACTOR_RECORDS[optimizer] = self
 
     def attach(self) -> _AdafactorTracker:
-        if not self._handles:
+        optimizer = self._optimizer()
+        if not self._handles and optimizer is not None:
             self._handles = [
-                self.optimizer.register_step_pre_hook(self._before),
-                self.optimizer.register_step_post_hook(self._after),
+                optimizer.register_step_pre_hook(self._before),
+                optimizer.register_step_post_hook(self._after),
             ]
         return self
-
-    def _stepped(self) -> list[tuple[dict[str, Any], Tensor]]:
-        groups = self.optimizer.param_groups
-        return [(g, p) for g in groups for p in g["params"] if p.grad is not None]
 
     @torch.no_grad()
     def _before(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
@@ -376,7 +389,10 @@ class _AdafactorTracker:
 
     @torch.no_grad()
     def _after(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        for group, p in self._stepped():
+        stepped = [
+            (g, p) for g in optimizer.param_groups for p in g["params"] if p.grad is not None
+        ]
+        for group, p in stepped:
             state = optimizer.state.get(p, {})
             if "step" not in state or id(p) not in self._pending:
                 continue
