@@ -184,6 +184,11 @@ def test_zero_learning_rates_move_nothing():
     opt.param_groups[0]["lr"] = 0.0  # a schedule annealed to zero
     with pytest.raises(PreconditionerNotReadyError, match="learning rate 0"):
         read_preconditioner(opt)
+    adafactor = torch.optim.Adafactor([a], lr=0.0)
+    track_preconditioner(adafactor)
+    _random_steps(adafactor, [a], 1)
+    with pytest.raises(PreconditionerNotReadyError, match="learning rate 0"):
+        read_preconditioner(adafactor)
 
 
 def test_complex_parameters_are_refused():

@@ -447,6 +447,8 @@ if _ADAFACTOR is not None:
                 eps1_p = torch.finfo(p.dtype).eps if eps1 is None else eps1
                 t = float(state["step"])
                 rho = min(lr, 1 / t**0.5)
+                if rho == 0:
+                    continue  # learning rate 0: the parameter does not move
                 alpha = max(eps2, entry[0].item() / p.numel() ** 0.5) * rho
                 clip = max(1.0, entry[1].item() / (p.numel() ** 0.5 * d))
                 diagonal = _adafactor_variance(p, state, eps1_p).sqrt_()
