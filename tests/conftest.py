@@ -1,4 +1,4 @@
-"""Shared cases: tiny models and their float64 dense Hessians."""
+"""Shared cases: tiny models, their float64 dense Hessians, and a quiet CPU trainer."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # scipy BLAS threads fight torch on 2 cores
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import lightning as L  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
@@ -55,3 +57,22 @@ def dense_hessian(model: nn.Module, loss_fn: Callable, batch: Any) -> Tensor:
         return loss_fn(lambda x: torch.func.functional_call(model, values, (x,)), batch)
 
     return torch.autograd.functional.hessian(loss_of, flat0)
+
+
+def quiet_trainer(tmp_path: Path | None = None, callbacks=(), max_steps=12, **kwargs) -> L.Trainer:
+    """A CPU trainer with no logger, checkpoints, progress bar or validation."""
+    options = dict(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=list(callbacks),
+        default_root_dir=tmp_path,
+    )
+    options.update(kwargs)
+    return L.Trainer(**options)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
@@ -59,24 +60,6 @@ class Net(L.LightningModule):
         }
 
 
-def _trainer(callbacks, max_steps, tmp_path=None, **kwargs):
-    options = dict(
-        max_steps=max_steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=callbacks,
-        default_root_dir=tmp_path,
-    )
-    options.update(kwargs)
-    return L.Trainer(**options)
-
-
 def _digits(batch_size=32, shuffle=True):
     return DigitsDataModule(
         num_train=120, num_val=30, batch_size=batch_size, target="label", shuffle=shuffle
@@ -86,7 +69,7 @@ def _digits(batch_size=32, shuffle=True):
 def _fit(callbacks, optimizer="Adam", max_steps=6, data=None, **kwargs):
     L.seed_everything(0, verbose=False)
     model = Net(optimizer, **kwargs.pop("model_kwargs", {}))
-    trainer = _trainer(callbacks, max_steps, **kwargs)
+    trainer = quiet_trainer(callbacks=callbacks, max_steps=max_steps, **kwargs)
     trainer.fit(model, data or _digits())
     return model, trainer
 
@@ -225,7 +208,7 @@ def test_freeze_repoints_nested_schedulers_and_a_reused_callback_freezes_again()
 def test_freeze_then_resume_matches_the_uninterrupted_run(tmp_path):
     def run(ckpt_path=None, extra=()):
         freeze = FreezePreconditioner(at_step=3)
-        trainer = _trainer([freeze, *extra], 8, tmp_path, enable_checkpointing=bool(extra))
+        trainer = quiet_trainer(tmp_path, [freeze, *extra], 8, enable_checkpointing=bool(extra))
         L.seed_everything(0, verbose=False)
         model = Net("Adam")
         trainer.fit(model, _digits(batch_size=120, shuffle=False), ckpt_path=ckpt_path)

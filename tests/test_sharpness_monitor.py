@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchmetrics
-from conftest import dense_hessian
+from conftest import dense_hessian, quiet_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
@@ -74,24 +74,6 @@ class AugmentedDigits(torch.utils.data.Dataset):
         return x + 0.1 * torch.randn_like(x), y
 
 
-def _trainer(tmp_path: Path | None = None, callbacks=(), max_steps=12, **kwargs) -> L.Trainer:
-    options = dict(
-        max_steps=max_steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=list(callbacks),
-        default_root_dir=tmp_path,
-    )
-    options.update(kwargs)
-    return L.Trainer(**options)
-
-
 def _digits(batch_size=32):
     return DigitsDataModule(
         num_train=200, num_val=50, batch_size=batch_size, target="label", shuffle=True
@@ -101,7 +83,7 @@ def _digits(batch_size=32):
 def _fit(monitor, max_steps=12, model_fn=BNDropoutNet, data_fn=None, **kwargs):
     L.seed_everything(0, verbose=False)
     model = model_fn()
-    trainer = _trainer(callbacks=[monitor] if monitor else [], max_steps=max_steps, **kwargs)
+    trainer = quiet_trainer(callbacks=[monitor] if monitor else [], max_steps=max_steps, **kwargs)
     trainer.fit(model, (data_fn or _digits)())
     rng = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
     return model, trainer.optimizers[0], rng
@@ -161,7 +143,7 @@ def test_logged_sharpness_matches_a_dense_float64_reference(tmp_path):
     logger = CSVLogger(tmp_path, name="run")
     L.seed_everything(0, verbose=False)
     model = BNDropoutNet()
-    trainer = _trainer(tmp_path, [monitor], max_steps=8, logger=logger)
+    trainer = quiet_trainer(tmp_path, [monitor], max_steps=8, logger=logger)
     dm = _digits()
     trainer.fit(model, dm)
 
@@ -201,7 +183,7 @@ def test_eval_mode_on_a_given_dataloader_matches_its_reference():
     eval_mode = SharpnessMonitor(every_n_steps=5, top_k=2, dataloader=loader, mode="eval", tol=1e-6)
     assert train_mode.state_key != eval_mode.state_key
     model = BNDropoutNet()
-    _trainer(callbacks=[train_mode, eval_mode], max_steps=5).fit(model, dm)
+    quiet_trainer(callbacks=[train_mode, eval_mode], max_steps=5).fit(model, dm)
     everything = torch.arange(len(x))
     for monitor, mode in ((train_mode, "train"), (eval_mode, "eval")):
         exact = _reference_eigenvalues(model, x, y, everything, 20, mode, k=2)
@@ -237,7 +219,9 @@ def test_resume_logs_the_same_sharpness(tmp_path):
     def run(ckpt_path=None, callbacks=()):
         L.seed_everything(0, verbose=False)
         monitor = SharpnessMonitor(every_n_steps=5, top_k=2)
-        trainer = _trainer(tmp_path, [monitor, *callbacks], max_steps=30, enable_checkpointing=True)
+        trainer = quiet_trainer(
+            tmp_path, [monitor, *callbacks], max_steps=30, enable_checkpointing=True
+        )
         dm = DigitsDataModule(num_train=300, num_val=50, target="label")
         model = BNDropoutNet(dropout=0.0)  # Lightning does not checkpoint the global RNG
         trainer.fit(model, dm, ckpt_path=ckpt_path)
@@ -268,9 +252,9 @@ def test_non_finite_measurement_is_skipped_with_a_warning():
 
 def test_unknown_optimizer_fails_at_setup_unless_threshold_is_off():
     with pytest.raises(UnsupportedOptimizerError, match="threshold=None"):
-        _trainer(callbacks=[SharpnessMonitor()]).fit(BNDropoutNet("adam"), _digits())
+        quiet_trainer(callbacks=[SharpnessMonitor()]).fit(BNDropoutNet("adam"), _digits())
     monitor = SharpnessMonitor(every_n_steps=2, threshold=None)
-    _trainer(callbacks=[monitor], max_steps=2).fit(BNDropoutNet("adam"), _digits())
+    quiet_trainer(callbacks=[monitor], max_steps=2).fit(BNDropoutNet("adam"), _digits())
     assert "eos/threshold" not in monitor.history[-1] and monitor.history[-1]["eos/sharpness"] > 0
 
 
@@ -281,7 +265,7 @@ def test_manual_optimization_needs_a_loss_fn():
             self.automatic_optimization = False
 
     with pytest.raises(ValueError, match="loss_fn"):
-        _trainer(callbacks=[SharpnessMonitor()]).fit(Manual(), _digits())
+        quiet_trainer(callbacks=[SharpnessMonitor()]).fit(Manual(), _digits())
 
 
 def test_state_dict_round_trip():

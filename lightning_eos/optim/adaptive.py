@@ -62,6 +62,24 @@ def _weight_decayed_grad(p: Tensor, group: dict[str, Any]) -> Tensor:
     return grad.add(p, alpha=wd)
 
 
+def _update_moments(p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> Tensor:
+    """Count the step, decay the weights, update :math:`m` and :math:`\\nu`; return the gradient.
+
+    :math:`m \\leftarrow \\beta_1 m + (1-\\beta_1) g`, :math:`\\nu \\leftarrow \\beta_2 \\nu +
+    (1-\\beta_2) g^2`, with :math:`g` the gradient after coupled weight decay.
+    """
+    beta1, beta2 = group["betas"]
+    if not state:
+        state["step"] = torch.tensor(0.0)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    state["step"] += 1
+    grad = _weight_decayed_grad(p, group)
+    state["exp_avg"].lerp_(grad, 1 - beta1)
+    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    return grad
+
+
 class Adam(Optimizer):
     """Adam with the switches of paper 002: bias correction, AMSGrad, exponent, decay.
 
@@ -128,24 +146,17 @@ class Adam(Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = _closure_loss(closure)
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
+            beta1 = group["betas"][0]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    if group["amsgrad"]:
-                        state["max_exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
+                _update_moments(p, group, state)
                 step = float(state["step"])
-                grad = _weight_decayed_grad(p, group)
-                state["exp_avg"].lerp_(grad, 1 - beta1)
-                state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 nu = state["exp_avg_sq"]
                 if group["amsgrad"]:
+                    if "max_exp_avg_sq" not in state:
+                        state["max_exp_avg_sq"] = torch.zeros_like(p)
                     torch.maximum(state["max_exp_avg_sq"], nu, out=state["max_exp_avg_sq"])
                     nu = state["max_exp_avg_sq"]
                 c1 = 1 - beta1**step if group["bias_correction"] else 1.0
@@ -225,19 +236,12 @@ class Nadam(Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = _closure_loss(closure)
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
+            beta1 = group["betas"][0]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                grad = _weight_decayed_grad(p, group)
-                state["exp_avg"].lerp_(grad, 1 - beta1)
-                state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                grad = _update_moments(p, group, state)
                 direction = state["exp_avg"].mul(beta1).add_(grad, alpha=1 - beta1)
                 denom = state["exp_avg_sq"].sqrt().add_(group["eps"])
                 p.addcdiv_(direction, denom, value=-group["lr"])
