@@ -2,7 +2,8 @@
 
 Optimizers
     :class:`Adam` (bias correction, AMSGrad, exponent switches), :class:`Padam`,
-    :class:`Nadam` (EMA Nesterov, no bias correction), :class:`FrozenAdam`.
+    :class:`Nadam` (EMA Nesterov, no bias correction), :class:`FrozenAdam`,
+    :class:`SAM` (sharpness-aware minimization around any of them).
 Preconditioners
     :func:`read_preconditioner` -- :math:`P_t` and the threshold on
     :math:`\\lambda_1(P^{-1}H)` from a live optimizer; :func:`track_preconditioner`,
@@ -20,6 +21,7 @@ from lightning_eos.optim.preconditioners import (
     track_preconditioner,
     unwrap_optimizer,
 )
+from lightning_eos.optim.sam import SAM
 
 __all__ = [
     # optimizers
@@ -27,6 +29,7 @@ __all__ = [
     "FrozenAdam",
     "Nadam",
     "Padam",
+    "SAM",
     # preconditioners
     "Preconditioner",
     "PreconditionerNotReadyError",

@@ -1,0 +1,198 @@
+"""SAM, sharpness-aware minimization, as an optimizer that works under Lightning's closures.
+
+Paper 003, eq. (1):
+
+.. math:: w_{t+1} = w_t - \\eta \\nabla L\\Big(w_t + \\rho \\frac{\\nabla L(w_t)}{\\lVert
+    \\nabla L(w_t) \\rVert}\\Big),
+
+with the base optimizer's update in place of :math:`-\\eta\\,\\cdot` (SGD gives eq. (1)
+exactly). One :meth:`SAM.step` calls the closure twice: at :math:`w` for the ascent
+direction, then at :math:`w + e` for the gradient the base optimizer uses, after the
+parameters are restored to :math:`w` bit for bit.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+__all__ = ["SAM"]
+
+OptimizerFactory = Callable[[Iterable[Any]], Optimizer]
+
+
+@contextmanager
+def buffers_restored() -> Iterator[None]:
+    """Undo every buffer change of the modules that run forward inside the block.
+
+    A global forward pre-hook snapshots each module's own buffers the first time it runs
+    (BatchNorm's running mean, variance and ``num_batches_tracked``, so cumulative
+    averages with ``momentum=None`` are restored too); on exit they are copied back.
+    """
+    saved: dict[nn.Module, dict[str, Tensor]] = {}
+
+    def snapshot(module: nn.Module, args: Any) -> None:
+        if module not in saved:
+            saved[module] = {n: b.detach().clone() for n, b in module.named_buffers(recurse=False)}
+
+    handle = nn.modules.module.register_module_forward_pre_hook(snapshot)
+    try:
+        yield
+    finally:
+        handle.remove()
+        with torch.no_grad():
+            for module, buffers in saved.items():
+                for name, value in buffers.items():
+                    current = getattr(module, name, None)
+                    if isinstance(current, Tensor):
+                        current.copy_(value)
+
+
+def _refuse_accumulation(closure: Callable[[], Any]) -> None:
+    """Lightning wraps the closure as ``partial(_wrap_closure, module, optimizer, closure)``."""
+    for arg in getattr(closure, "args", ()):
+        trainer = getattr(arg, "_trainer", None)
+        if trainer is not None and getattr(arg, "automatic_optimization", False):
+            if trainer.accumulate_grad_batches > 1:
+                raise RuntimeError(
+                    "SAM does not support accumulate_grad_batches > 1: its second pass would "
+                    "re-evaluate only the last micro-batch at the perturbed point. Use a larger "
+                    "batch or manual optimization with a closure over all micro-batches."
+                )
+
+
+class SAM(Optimizer):
+    """Sharpness-aware minimization around any torch optimizer (paper 003, eq. (1)).
+
+    The base optimizer is built on SAM's param groups and shares them and its state with
+    SAM, so learning-rate schedulers drive it and checkpoints hold its moments.
+
+    Args:
+        params: parameters or param groups.
+        base_optimizer: an optimizer class or factory ``params -> Optimizer`` (in YAML:
+            ``class_path`` and ``init_args``), called with SAM's param groups.
+        rho: the radius :math:`\\rho` of the ascent step.
+        adaptive: ASAM: :math:`e = \\rho\\,T^2 g / \\lVert T g\\rVert` with
+            :math:`T = |w|` (elementwise), instead of :math:`\\rho\\, g/\\lVert g\\rVert`.
+        eps: added to the norm.
+        **base_kwargs: passed to ``base_optimizer`` when it is a class.
+
+    In Lightning's automatic optimization the closure runs twice per step and
+    ``global_step`` advances once. Gradient clipping by norm of the first gradient does
+    not change :math:`g/\\lVert g\\rVert`, so the update is that of clipping the second
+    gradient only. The perturbed pass leaves BatchNorm buffers as they were. A
+    non-finite gradient norm at :math:`w` skips the step (parameters and state
+    unchanged) with a warning. Manual optimization: pass a closure that zeroes the
+    gradients, computes the loss and calls ``manual_backward``, to ``opt.step(closure)``.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+        >>> opt = SAM([w], torch.optim.SGD, rho=0.1, lr=0.5)
+        >>> def closure():
+        ...     opt.zero_grad()
+        ...     loss = (w**2).sum() / 2  # gradient w
+        ...     loss.backward()
+        ...     return loss
+        >>> _ = opt.step(closure)
+        >>> w.detach()  # w - 0.5 * (w + 0.1 * w / |w|)
+        tensor([0.4776, 0.9553])
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        base_optimizer: type[Optimizer] | OptimizerFactory = torch.optim.SGD,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        eps: float = 1e-12,
+        **base_kwargs: Any,
+    ) -> None:
+        if rho < 0:
+            raise ValueError(f"rho={rho} must be nonnegative.")
+        super().__init__(params, dict(rho=rho, adaptive=adaptive))
+        self.eps = eps
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        self._link()
+        self._origin: dict[Tensor, Tensor] = {}
+
+    def _link(self) -> None:
+        """Share the base optimizer's param groups and state (one truth for checkpoints)."""
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        for group in self.param_groups:
+            group.setdefault("rho", self.defaults["rho"])
+            group.setdefault("adaptive", self.defaults["adaptive"])
+        self.defaults = {**self.base_optimizer.defaults, **self.defaults}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.base_optimizer.load_state_dict(state_dict)
+        self._link()
+
+    # --- the two half steps -------------------------------------------------------------
+
+    def _scaled_gradients(self) -> list[tuple[dict[str, Any], Tensor, Tensor]]:
+        out = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    scale = p.detach().abs() if group["adaptive"] else None
+                    out.append((group, p, p.grad if scale is None else scale * p.grad))
+        return out
+
+    @torch.no_grad()
+    def first_step(self) -> bool:
+        """Move to :math:`w + e`; return ``False`` (and stay) if the gradient norm is not finite."""
+        scaled = self._scaled_gradients()
+        if not scaled:
+            return False
+        norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g.to(torch.float32)) for _, _, g in scaled])
+        )
+        if not torch.isfinite(norm):
+            warnings.warn(
+                "SAM: the gradient norm is not finite; the step is skipped.", stacklevel=3
+            )
+            return False
+        self._origin = {}
+        for group, p, g in scaled:
+            e = g * (group["rho"] / (norm.to(g.dtype) + self.eps))
+            if group["adaptive"]:
+                e = e * p.detach().abs()  # T^2 g / |T g|
+            self._origin[p] = p.detach().clone()
+            p.add_(e)
+        return True
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Back to :math:`w`, bit for bit."""
+        for p, origin in self._origin.items():
+            p.copy_(origin)
+        self._origin = {}
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One SAM step: ``closure`` at :math:`w`, ascend, ``closure`` at :math:`w+e`, descend."""
+        if closure is None:
+            raise RuntimeError(
+                "SAM.step needs a closure that zeroes the gradients, computes the loss and "
+                "backpropagates: it evaluates the gradient twice. Lightning passes one in "
+                "automatic optimization; in manual optimization call opt.step(closure)."
+            )
+        _refuse_accumulation(closure)
+        with torch.enable_grad():
+            loss = closure()
+        if not self.first_step():
+            return loss
+        try:
+            with torch.enable_grad(), buffers_restored():
+                closure()
+        finally:
+            self.restore()
+        self.base_optimizer.step()
+        return loss
