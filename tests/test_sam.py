@@ -1,0 +1,230 @@
+"""SAM against a hand-written paper 003 eq. (1), in plain torch and in every Lightning mode."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import quiet_trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from lightning_eos.data import DigitsDataModule
+from lightning_eos.optim import SAM, read_preconditioner
+
+RHO, LR = 0.1, 0.2
+
+
+def _net(batchnorm=False):
+    torch.manual_seed(0)
+    norm = nn.BatchNorm1d(16) if batchnorm else nn.Identity()
+    return nn.Sequential(nn.Linear(64, 16), norm, nn.Tanh(), nn.Linear(16, 10))
+
+
+def _data(n=96):
+    dm = DigitsDataModule(num_train=n, num_val=16, batch_size=n, target="label", shuffle=False)
+    dm.setup()
+    return dm
+
+
+def _grads(net, x, y, autocast=False):
+    net.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = F.cross_entropy(net(x), y)
+    loss.backward()
+    return [p.grad.detach().clone() for p in net.parameters()]
+
+
+def _reference_run(net, x, y, base, steps, rho=RHO, adaptive=False, clip=None, autocast=False):
+    """Eq. (1) written out: e = rho T^2 g / |T g| (T = 1 or |w|), base step on g(w + e)."""
+    params = list(net.parameters())
+    for _ in range(steps):
+        g = _grads(net, x, y, autocast)
+        t = [p.detach().abs() if adaptive else torch.ones_like(p) for p in params]
+        norm = torch.sqrt(sum(((ti * gi) ** 2).sum() for ti, gi in zip(t, g, strict=True)))
+        origin = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, ti, gi in zip(params, t, g, strict=True):
+                p.add_(rho * ti**2 * gi / norm)
+        g_sam = _grads(net, x, y, autocast)
+        with torch.no_grad():
+            for p, o in zip(params, origin, strict=True):
+                p.copy_(o)
+        for p, gi in zip(params, g_sam, strict=True):
+            p.grad = gi
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        base.step()
+    return net
+
+
+BASES = {
+    "sgd": (torch.optim.SGD, {"lr": LR}),
+    "sgd-momentum": (torch.optim.SGD, {"lr": LR, "momentum": 0.9}),
+    "adam": (torch.optim.Adam, {"lr": 1e-2}),
+}
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+@pytest.mark.parametrize("base", BASES)
+def test_sam_step_is_eq_1(base, adaptive):
+    cls, kwargs = BASES[base]
+    x, y = _data().train_set.tensors
+    net, ref = _net(), _net()
+    opt = SAM(net.parameters(), cls, rho=RHO, adaptive=adaptive, **kwargs)
+    for _ in range(4):
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(net(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    _reference_run(ref, x, y, cls(ref.parameters(), **kwargs), 4, adaptive=adaptive)
+    for a, b in zip(net.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    # the base optimizer's state is SAM's state: its moments are in SAM's checkpoint
+    assert opt.state is opt.base_optimizer.state
+    assert bool(opt.state_dict()["state"]) == (base != "sgd")  # plain SGD keeps no state
+    if base == "adam":
+        assert read_preconditioner(opt).threshold > 0  # the registry sees through SAM
+
+
+def test_a_non_finite_gradient_norm_skips_the_step():
+    w = nn.Parameter(torch.ones(3))
+    opt = SAM([w], torch.optim.SGD, lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = (w * float("inf")).sum()
+        loss.backward()
+        return loss
+
+    with pytest.warns(UserWarning, match="not finite"):
+        opt.step(closure)
+    assert torch.equal(w.detach(), torch.ones(3)) and not opt.state
+
+
+def test_step_without_a_closure_explains_itself():
+    opt = SAM([nn.Parameter(torch.ones(1))], torch.optim.SGD, lr=0.1)
+    with pytest.raises(RuntimeError, match="closure"):
+        opt.step()
+
+
+def test_batchnorm_buffers_see_one_forward_pass_per_step():
+    x, y = _data().train_set.tensors
+    for momentum in (0.1, None):  # None: cumulative average, counted by num_batches_tracked
+        net = _net(batchnorm=True)
+        net[1].momentum = momentum
+        plain = copy.deepcopy(net)
+        opt = SAM(net.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+
+        def closure(net=net, opt=opt):
+            opt.zero_grad()
+            loss = F.cross_entropy(net(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        plain(x)  # one ordinary training forward pass
+        for (name, a), b in zip(net[1].named_buffers(), plain[1].buffers(), strict=True):
+            assert torch.equal(a, b), (momentum, name)
+
+
+# --- Lightning ----------------------------------------------------------------------------
+
+
+class Net(L.LightningModule):
+    def __init__(self, base="sgd", manual=False, batchnorm=False):
+        super().__init__()
+        self.net = _net(batchnorm)
+        self.base, self.calls = base, 0
+        self.automatic_optimization = not manual
+
+    def loss(self, batch):
+        x, y = batch
+        self.calls += 1
+        return F.cross_entropy(self.net(x), y)
+
+    def training_step(self, batch, batch_idx):
+        if self.automatic_optimization:
+            return self.loss(batch)
+        opt = self.optimizers()  # the recipe for manual optimization: pass a closure
+
+        def closure():
+            opt.zero_grad()
+            loss = self.loss(batch)
+            self.manual_backward(loss)
+            return loss
+
+        return opt.step(closure=closure)
+
+    def configure_optimizers(self):
+        cls, kwargs = BASES[self.base]
+        return SAM(self.parameters(), cls, rho=RHO, **kwargs)
+
+
+def _fit(steps=5, tmp_path=None, model=None, ckpt_path=None, **kwargs):
+    model = model or Net()
+    trainer = quiet_trainer(tmp_path, max_steps=steps, **kwargs)
+    trainer.fit(model, _data(), ckpt_path=ckpt_path)
+    return model, trainer
+
+
+def _assert_matches_reference(model, base="sgd", steps=5, **reference_kwargs):
+    cls, kwargs = BASES[base]
+    x, y = _data().train_set.tensors
+    ref = _net()
+    _reference_run(ref, x, y, cls(ref.parameters(), **kwargs), steps, **reference_kwargs)
+    for a, b in zip(model.net.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a.detach().float(), b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("base", ["sgd", "adam"])
+def test_automatic_optimization_runs_the_closure_twice_per_step(base):
+    model, trainer = _fit(model=Net(base))
+    assert trainer.global_step == 5 and model.calls == 10
+    _assert_matches_reference(model, base)
+
+
+def test_manual_optimization_recipe():
+    model, trainer = _fit(model=Net(manual=True))
+    assert trainer.global_step == 5 and model.calls == 10
+    _assert_matches_reference(model)
+
+
+def test_bf16_mixed():
+    model, _ = _fit(precision="bf16-mixed")
+    _assert_matches_reference(model, autocast=True)
+
+
+def test_gradient_clipping_applies_to_the_second_gradient():
+    model, _ = _fit(gradient_clip_val=0.05)
+    _assert_matches_reference(model, clip=0.05)
+
+
+def test_gradient_accumulation_is_refused():
+    with pytest.raises(RuntimeError, match="accumulate_grad_batches"):
+        _fit(accumulate_grad_batches=2)
+
+
+def test_checkpoint_resume_continues_exactly(tmp_path):
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    full, full_trainer = _fit(
+        6, tmp_path, Net("adam"), callbacks=[saver], enable_checkpointing=True
+    )
+    (ckpt,) = (tmp_path / "ckpt").glob("*step=3.ckpt")
+    resumed, resumed_trainer = _fit(6, tmp_path, Net("adam"), ckpt_path=str(ckpt))
+    for a, b in zip(full.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    full_state = full_trainer.optimizers[0].state_dict()["state"]
+    resumed_opt = resumed_trainer.optimizers[0]
+    assert resumed_opt.state is resumed_opt.base_optimizer.state  # still linked after loading
+    for key, value in full_state.items():
+        assert torch.equal(
+            value["exp_avg_sq"], resumed_opt.state_dict()["state"][key]["exp_avg_sq"]
+        )
