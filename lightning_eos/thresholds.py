@@ -48,6 +48,7 @@ __all__ = [
     "nesterov_threshold",
     "preconditioned_threshold",
     "sam_edge",
+    "sam_threshold",
     "stability_threshold",
 ]
 
@@ -235,6 +236,11 @@ def stability_threshold(optimizer: Any) -> float:
         6.0
     """
     optimizer = _unwrap(optimizer)
+    if _is_sam(optimizer):
+        raise UnsupportedOptimizerError(
+            "SAM's threshold depends on the gradient norm: use sam_threshold(optimizer, "
+            "grad_norm) (SharpnessMonitor does, on its measurement set)."
+        )
     if type(optimizer) is not torch.optim.SGD:
         raise UnsupportedOptimizerError(
             f"No stability threshold is known for {type(optimizer).__name__}. Supported: "
@@ -275,3 +281,44 @@ def preconditioned_threshold(optimizer: Any) -> float:
     from lightning_eos.optim.preconditioners import read_preconditioner
 
     return read_preconditioner(optimizer).threshold
+
+
+def _is_sam(optimizer: Any) -> bool:
+    groups = getattr(optimizer, "param_groups", [])
+    return hasattr(optimizer, "base_optimizer") and bool(groups) and "rho" in groups[0]
+
+
+def sam_threshold(optimizer: Any, grad_norm: float) -> float:
+    """The SAM-edge of a live :class:`~lightning_eos.optim.SAM` over plain gradient descent.
+
+    Paper 003, Prop. 2: :func:`sam_edge` of the learning rate, :math:`\\rho` and the
+    full-batch gradient norm :math:`\\lVert g\\rVert` at the current iterate. It is derived
+    for SAM around gradient descent (SGD without momentum or weight decay) and plain,
+    not adaptive, SAM; other settings raise :class:`UnsupportedOptimizerError`.
+
+    Example:
+        >>> from lightning_eos.optim import SAM
+        >>> opt = SAM([torch.nn.Parameter(torch.zeros(1))], torch.optim.SGD, rho=0.1, lr=0.5)
+        >>> round(sam_threshold(opt, grad_norm=2.0), 6) == round(sam_edge(0.5, 0.1, 2.0), 6)
+        True
+    """
+    optimizer = _unwrap(optimizer)
+    if not _is_sam(optimizer):
+        raise UnsupportedOptimizerError(f"{type(optimizer).__name__} is not SAM.")
+    base = optimizer.base_optimizer
+    plain = type(base) is torch.optim.SGD and all(
+        g.get("momentum", 0) == 0 and g.get("weight_decay", 0) == 0 and not g.get("maximize")
+        for g in base.param_groups
+    )
+    if not plain or any(g["adaptive"] for g in optimizer.param_groups):
+        raise UnsupportedOptimizerError(
+            "The SAM-edge (paper 003, Prop. 2) is known for plain SAM around gradient descent: "
+            "SAM(params, torch.optim.SGD, lr=..., rho=...) without momentum, weight decay or "
+            "adaptive=True. Pass threshold=None (or a number) to measure anyway."
+        )
+    values = {sam_edge(float(g["lr"]), float(g["rho"]), grad_norm) for g in optimizer.param_groups}
+    if len(values) > 1:
+        raise UnsupportedOptimizerError(
+            "SAM param groups with different (lr, rho) have no single edge."
+        )
+    return values.pop()

@@ -228,3 +228,96 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
         assert torch.equal(
             value["exp_avg_sq"], resumed_opt.state_dict()["state"][key]["exp_avg_sq"]
         )
+
+
+# --- the SAM-edge (paper 003, Prop. 2 and Fig. 1) -------------------------------------------
+
+
+def test_sam_edge_ratio_to_2_over_eta_behaves_as_fig_1():
+    from lightning_eos.thresholds import sam_edge
+
+    def ratio(alpha, lr=0.1, rho=0.05):  # alpha = lr |g| / (2 rho)
+        return sam_edge(lr, rho, 2 * rho * alpha / lr) / (2 / lr)
+
+    assert ratio(1e6) == pytest.approx(1.0, rel=1e-3)
+    assert ratio(1e-8) / 1e-4 == pytest.approx(1.0, rel=1e-3)  # ~ sqrt(alpha)
+    values = [ratio(a) for a in (1e-3, 1e-2, 1e-1, 1, 10, 100)]
+    assert values == sorted(values)  # increasing in alpha
+
+
+@pytest.mark.parametrize("side", [0.99, 1.01])
+def test_prop_2_sam_descends_iff_lambda_is_below_the_edge(side):
+    """On l(w) = lambda w^2 / 2 the gradient is aligned with the only eigenvector."""
+    from lightning_eos.thresholds import sam_threshold
+
+    w = nn.Parameter(torch.tensor([0.7], dtype=torch.float64))
+    opt = SAM([w], torch.optim.SGD, rho=0.05, lr=0.1)
+    lam = 1.0  # |g| = lambda |w| depends on lambda: iterate lambda = side * edge(|g|)
+    for _ in range(200):
+        lam = side * sam_threshold(opt, lam * abs(w.item()))
+    assert lam == pytest.approx(side * sam_threshold(opt, lam * abs(w.item())), rel=1e-12)
+    before = 0.5 * lam * w.item() ** 2
+
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * lam * (w**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    after = 0.5 * lam * w.item() ** 2
+    assert (after < before) == (side < 1)
+
+
+# --- SharpnessMonitor under SAM ---------------------------------------------------------------
+
+
+def test_monitor_logs_the_sam_edge_and_the_alignments_against_float64():
+    from lightning_eos.callbacks import SharpnessMonitor
+    from lightning_eos.thresholds import sam_edge
+
+    monitor = SharpnessMonitor(every_n_steps=5, num_samples=None, tol=1e-8, alignment=True)
+    model, trainer = _fit(callbacks=[monitor])
+    last = monitor.history[-1]
+    assert last["step"] == 5 and "eos/eig_3" in last  # top-3 by default under SAM
+
+    net = copy.deepcopy(model.net).double()
+    x, y = trainer.datamodule.train_set.tensors
+    names = [n for n, _ in net.named_parameters()]
+    shapes = [p.shape for p in net.parameters()]
+    flat0 = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+    def loss(flat):
+        chunks = flat.split([s.numel() for s in shapes])
+        values = {n: c.view(s) for n, c, s in zip(names, chunks, shapes, strict=True)}
+        return F.cross_entropy(torch.func.functional_call(net, values, (x.double(),)), y)
+
+    g = torch.func.grad(loss)(flat0)
+    g_sam = torch.func.grad(loss)(flat0 + RHO * g / g.norm())
+    eigenvalues, eigenvectors = torch.linalg.eigh(torch.func.hessian(loss)(flat0))
+    q1 = eigenvectors[:, -1]
+
+    assert last["eos/grad_norm"] == pytest.approx(g.norm().item(), rel=1e-5)
+    edge = sam_edge(LR, RHO, g.norm().item())
+    assert last["eos/sam_edge"] == pytest.approx(edge, rel=1e-5)
+    assert last["eos/threshold"] == last["eos/sam_edge"]
+    assert last["eos/sharpness_ratio"] == pytest.approx(eigenvalues[-1].item() / edge, rel=1e-4)
+    top3 = [last["eos/sharpness"], last["eos/eig_2"], last["eos/eig_3"]]
+    torch.testing.assert_close(
+        torch.tensor(top3, dtype=torch.float64), eigenvalues.flip(0)[:3], rtol=1e-4, atol=0
+    )
+    cosine = (q1 @ g).abs() / g.norm()
+    cosine_sam = (q1 @ g_sam).abs() / g_sam.norm()
+    assert last["eos/grad_alignment"] == pytest.approx(cosine.item(), abs=1e-4)
+    assert last["eos/sam_grad_alignment"] == pytest.approx(cosine_sam.item(), abs=1e-4)
+
+
+def test_sam_edge_needs_sam_over_plain_gradient_descent():
+    from lightning_eos.callbacks import SharpnessMonitor
+    from lightning_eos.thresholds import UnsupportedOptimizerError
+
+    with pytest.raises(UnsupportedOptimizerError, match="plain SAM around gradient descent"):
+        _fit(model=Net("adam"), callbacks=[SharpnessMonitor()])
+    monitor = SharpnessMonitor(every_n_steps=5, threshold=None)
+    _fit(model=Net("adam"), callbacks=[monitor])
+    assert "eos/threshold" not in monitor.history[-1] and "eos/eig_3" in monitor.history[-1]

@@ -34,8 +34,10 @@ from lightning_eos.curvature import (
     StopRule,
     lanczos,
     measurement_context,
+    unflatten,
 )
-from lightning_eos.thresholds import stability_threshold
+from lightning_eos.optim import SAM
+from lightning_eos.thresholds import sam_threshold, stability_threshold
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
@@ -49,6 +51,10 @@ def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     tensor = tensor.clone()
     dist.all_reduce(tensor)
     return tensor
+
+
+def _abs_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a @ b).abs() / (a.norm() * b.norm()).clamp_min(torch.finfo(a.dtype).tiny))
 
 
 def _rank_zero_value(tensor: torch.Tensor) -> torch.Tensor:
@@ -74,6 +80,14 @@ class SharpnessMonitor(Callback):
     ``eos/lanczos_iters``     Hessian-vector products spent on the measurement
     ========================  ===================================================
 
+    Under :class:`~lightning_eos.optim.SAM` (over plain gradient descent) the threshold
+    is the SAM-edge of paper 003, Prop. 2, from the full-batch gradient norm on the
+    measurement set, also logged as ``eos/sam_edge`` (with ``eos/grad_norm``), and the
+    top three eigenvalues are measured by default. ``alignment=True`` adds
+    ``eos/grad_alignment`` :math:`= |\\cos(q_1, \\nabla L(w))|` and, under SAM,
+    ``eos/sam_grad_alignment`` :math:`= |\\cos(q_1, \\nabla L(w + e))|` with
+    :math:`e = \\rho\\,\\nabla L/\\lVert\\nabla L\\rVert` (paper 003, Fig. 6).
+
     The measurement does not change the run: parameters, optimizer state, ``.grad``,
     BatchNorm buffers and RNG streams are the same with and without the monitor. It
     runs in float32 with autocast disabled, on the unwrapped LightningModule. In
@@ -84,7 +98,7 @@ class SharpnessMonitor(Callback):
 
     Args:
         every_n_steps: measure when ``trainer.global_step`` is a multiple of this.
-        top_k: number of top eigenvalues.
+        top_k: number of top eigenvalues; ``None``: 3 when training with SAM, else 1.
         num_samples: size of the measurement set, drawn once per fit, deterministically
             from ``seed``, from the training data; ``None`` for the whole training set.
         chunk_size: samples per forward pass in a measurement; ``None`` for the
@@ -105,6 +119,7 @@ class SharpnessMonitor(Callback):
         hvp_method: ``"double_backward"`` or ``"forward_over_reverse"`` (falls back).
         measure_at_start: also measure before the first step.
         seed: seed of the subset and of Lanczos' random start vector.
+        alignment: also log the alignment of the top eigenvector with the gradients.
 
     Example:
         >>> monitor = SharpnessMonitor(every_n_steps=10, top_k=2)
@@ -115,7 +130,7 @@ class SharpnessMonitor(Callback):
     def __init__(
         self,
         every_n_steps: int = 10,
-        top_k: int = 1,
+        top_k: int | None = None,
         num_samples: int | None = 2048,
         chunk_size: int | None = None,
         loss_fn: LossFnType | None = None,
@@ -128,10 +143,11 @@ class SharpnessMonitor(Callback):
         hvp_method: HVPMethod = "double_backward",
         measure_at_start: bool = True,
         seed: int = 0,
+        alignment: bool = False,
     ) -> None:
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps={every_n_steps} must be at least 1.")
-        if top_k < 1:
+        if top_k is not None and top_k < 1:
             raise ValueError(f"top_k={top_k} must be at least 1.")
         if num_samples is not None and num_samples < 1:
             raise ValueError(f"num_samples={num_samples} must be positive or None.")
@@ -148,6 +164,9 @@ class SharpnessMonitor(Callback):
         self.loss_fn, self.dataloader, self.threshold = loss_fn, dataloader, threshold
         self.mode, self.tol, self.stop_rule, self.max_iter = mode, tol, stop_rule, max_iter
         self.hvp_method, self.measure_at_start, self.seed = hvp_method, measure_at_start, seed
+        self.alignment = alignment
+        self._k = top_k or 1  # top_k=None: 3 under SAM (paper 003 follows three), else 1
+        self._extras: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
         self._last_step: int | None = None
         self._warm_starts: dict[str, torch.Tensor] = {}  # per operator, for the next Lanczos
@@ -194,7 +213,14 @@ class SharpnessMonitor(Callback):
                 f"{type(self).__name__}: the parameters are {sorted(map(str, dtypes))}; "
                 "Hessian-vector products are computed in that precision."
             )
+        self._k = self.top_k or (3 if self._sam(trainer) is not None else 1)
         self._check_optimizer(trainer)
+
+    @staticmethod
+    def _sam(trainer: Trainer) -> Any:
+        """The SAM optimizer being trained, or ``None``."""
+        optimizers = trainer.optimizers  # the strategy's: torch optimizers, not wrappers
+        return optimizers[0] if len(optimizers) == 1 and isinstance(optimizers[0], SAM) else None
 
     def _check_optimizer(self, trainer: Trainer) -> None:
         """Fail at setup, with a clear error, if ``threshold="auto"`` cannot be met."""
@@ -204,7 +230,10 @@ class SharpnessMonitor(Callback):
                     f"threshold='auto' needs exactly one optimizer, found "
                     f"{len(trainer.optimizers)}; pass a number or None."
                 )
-            stability_threshold(trainer.optimizers[0])  # raises a clear error if unknown
+            if self._sam(trainer) is not None:
+                sam_threshold(trainer.optimizers[0], grad_norm=1.0)  # plain SAM over GD only
+            else:
+                stability_threshold(trainer.optimizers[0])  # raises a clear error if unknown
 
     # --- schedule ---------------------------------------------------------------------
 
@@ -277,8 +306,70 @@ class SharpnessMonitor(Callback):
 
     def _threshold_now(self, trainer: Trainer) -> float | None:
         if self.threshold == "auto":
+            if "eos/sam_edge" in self._extras:
+                return self._extras["eos/sam_edge"]
             return stability_threshold(trainer.optimizers[0])
         return None if self.threshold is None else float(self.threshold)
+
+    def _hessian(
+        self, trainer: Trainer, pl_module: L.LightningModule, reuse_graph: bool | None = None
+    ) -> HessianOperator:
+        return HessianOperator(
+            pl_module,
+            self._loss_fn(),
+            self._measurement_set(trainer),
+            method=self.hvp_method,
+            reuse_graph=reuse_graph,
+            prepare_chunk=trainer.strategy.batch_to_device,
+            seed=self.seed,
+            reduce=_all_reduce_sum if trainer.world_size > 1 else None,
+        )
+
+    def _extra_metrics(
+        self,
+        trainer: Trainer,
+        pl_module: L.LightningModule,
+        hessian: HessianOperator,
+        results: dict[str, LanczosResult],
+    ) -> dict[str, float]:
+        """Gradient quantities, inside the measurement: the SAM-edge and the alignments.
+
+        Paper 003: the SAM-edge (Prop. 2) needs the full-batch gradient norm at :math:`w`;
+        Fig. 6 compares the top eigenvector :math:`q_1` with :math:`\\nabla L(w)` and with
+        SAM's gradient :math:`\\nabla L(w + e)`, :math:`e = \\rho\\, g/\\lVert g\\rVert`.
+        """
+        sam = self._sam(trainer)
+        if sam is None and not self.alignment:
+            return {}
+        gradient = hessian.gradient()
+        norm = float(gradient.norm())
+        extras = {"eos/grad_norm": norm}
+        if sam is not None and self.threshold == "auto":
+            extras["eos/sam_edge"] = sam_threshold(sam, norm)
+        if not self.alignment or "hessian" not in results:
+            return extras
+        q1 = results["hessian"].eigenvectors[0].to(gradient)
+        extras["eos/grad_alignment"] = _abs_cosine(q1, gradient)
+        if sam is not None:
+            rho = float(sam.param_groups[0]["rho"])
+            shifted = self._gradient_at(trainer, pl_module, hessian, gradient * (rho / norm))
+            extras["eos/sam_grad_alignment"] = _abs_cosine(q1, shifted)
+        return extras
+
+    def _gradient_at(
+        self, trainer: Trainer, pl_module: L.LightningModule, hessian: HessianOperator, shift: Any
+    ) -> torch.Tensor:
+        """:math:`\\nabla L(w + \\text{shift})` on the measurement set; :math:`w` is restored."""
+        saved = [p.detach().clone() for p in hessian.params]
+        with torch.no_grad():
+            for p, s in zip(hessian.params, unflatten(shift, hessian.params), strict=True):
+                p.add_(s)
+        try:
+            return self._hessian(trainer, pl_module, reuse_graph=False).gradient()
+        finally:
+            with torch.no_grad():
+                for p, value in zip(hessian.params, saved, strict=True):
+                    p.copy_(value)
 
     def _operators(self, trainer: Trainer, hessian: HessianOperator) -> dict[str, Any]:
         """The symmetric operators to measure, by name (subclasses add their own)."""
@@ -288,24 +379,16 @@ class SharpnessMonitor(Callback):
         self, trainer: Trainer, pl_module: L.LightningModule
     ) -> dict[str, LanczosResult] | None:
         """Top eigenpairs of every operator of :meth:`_operators`, on one measurement set."""
-        chunks = self._measurement_set(trainer)
+        self._measurement_set(trainer)  # built (and any error agreed) before the context
         distributed = trainer.world_size > 1
         results = {}
         try:
             with measurement_context(pl_module, self.mode), training_step_sandbox(pl_module):
-                hessian = HessianOperator(
-                    pl_module,
-                    self._loss_fn(),
-                    chunks,
-                    method=self.hvp_method,
-                    prepare_chunk=trainer.strategy.batch_to_device,
-                    seed=self.seed,
-                    reduce=_all_reduce_sum if distributed else None,
-                )
+                hessian = self._hessian(trainer, pl_module)
                 for name, operator in self._operators(trainer, hessian).items():
                     results[name] = lanczos(
                         operator,
-                        self.top_k,
+                        self._k,
                         init=self._warm_starts.get(name),
                         tol=self.tol,
                         max_iter=self.max_iter,
@@ -313,6 +396,7 @@ class SharpnessMonitor(Callback):
                         stop_rule=self.stop_rule,
                         agree=_rank_zero_value if distributed else None,
                     )
+                self._extras = self._extra_metrics(trainer, pl_module, hessian, results)
         except NonFiniteCurvatureError as err:
             rank_zero_warn(
                 f"{type(self).__name__} skipped the measurement at step "
@@ -344,7 +428,7 @@ class SharpnessMonitor(Callback):
         results = self._spectra(trainer, pl_module)
         if not results:
             return None
-        metrics = self._metrics(trainer, results)
+        metrics = {**self._metrics(trainer, results), **self._extras}
         metrics["eos/lanczos_iters"] = float(sum(r.num_iterations for r in results.values()))
         return metrics
 
