@@ -20,18 +20,24 @@ from torch import nn
 
 from lightning_eos.callbacks import PreconditionedSharpnessMonitor, SharpnessMonitor
 from lightning_eos.data import DigitsDataModule
+from lightning_eos.optim import SAM
 
 
 class Net(L.LightningModule):
     def __init__(
-        self, batchnorm: bool = False, dropout: float = 0.0, lr: float = 0.5, adam: bool = False
+        self,
+        batchnorm: bool = False,
+        dropout: float = 0.0,
+        lr: float = 0.5,
+        adam: bool = False,
+        sam: bool = False,
     ):
         super().__init__()
         norm = nn.BatchNorm1d(16) if batchnorm else nn.Identity()
         self.net = nn.Sequential(
             nn.Linear(64, 16), norm, nn.Tanh(), nn.Dropout(dropout), nn.Linear(16, 10)
         )
-        self.lr, self.adam = lr, adam
+        self.lr, self.adam, self.sam = lr, adam, sam
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -40,6 +46,8 @@ class Net(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
+        if self.sam:
+            return SAM(self.parameters(), torch.optim.SGD, rho=0.1, lr=self.lr)
         if self.adam:
             return torch.optim.Adam(self.parameters(), lr=1e-2)
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
@@ -93,7 +101,7 @@ def main() -> None:
 
     L.seed_everything(0, verbose=False)
     scenario = args.scenario
-    full_batch = scenario in ("exact", "bn", "adam")
+    full_batch = scenario in ("exact", "bn", "adam", "sam")
     data = DigitsDataModule(
         num_train=200,
         num_val=50,
@@ -106,6 +114,7 @@ def main() -> None:
         dropout=0.2 if scenario == "perturb" else 0.0,
         lr=1e-12 if scenario == "bn" else 0.5,
         adam=scenario == "adam",
+        sam=scenario == "sam",
     )
     monitor_type = PreconditionedSharpnessMonitor if scenario == "adam" else SharpnessMonitor
     monitor = monitor_type(
@@ -116,6 +125,7 @@ def main() -> None:
         tol=1e-8,
         loss_fn=nan_on_rank_one_at_step_two if scenario == "nan" else None,
         threshold=None if scenario == "bn" else "auto",
+        alignment=scenario == "sam",
     )
     if scenario == "build-error":  # rank 1 gets a measurement loader it cannot use
         data.setup()
@@ -133,7 +143,9 @@ def main() -> None:
         accelerator="cpu",
         devices=args.devices,
         strategy=args.strategy if args.devices > 1 else "auto",
-        max_steps={"exact": 4, "adam": 4, "bn": 1, "perturb": 6, "nan": 6}.get(scenario, 8),
+        max_steps={"exact": 4, "adam": 4, "sam": 4, "bn": 1, "perturb": 6, "nan": 6}.get(
+            scenario, 8
+        ),
         logger=CSVLogger(out, name="csv"),
         callbacks=callbacks,
         enable_checkpointing=scenario == "resume-full",

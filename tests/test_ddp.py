@@ -85,6 +85,23 @@ def test_preconditioned_monitor_under_ddp_logs_the_single_process_values(tmp_pat
     _assert_same_logs(one, two)
 
 
+SAM_KEYS = (*KEYS, "eos/sam_edge", "eos/grad_norm", "eos/grad_alignment", "eos/sam_grad_alignment")
+
+
+def test_sam_under_ddp_trains_and_logs_as_one_process(tmp_path):
+    one = _fit(tmp_path / "one", "sam", devices=1)
+    two = _fit(tmp_path / "two", "sam", devices=2)
+    logged_one, logged_two = (
+        _logged(tmp_path / "one", SAM_KEYS),
+        _logged(tmp_path / "two", SAM_KEYS),
+    )
+    assert sorted(logged_two) == [0, 2, 4] and "eos/sam_grad_alignment" in logged_two[4]
+    _assert_same_logs(logged_one, logged_two)
+    for rank in two:  # both passes are synchronized: every rank holds the 1-process weights
+        for key, value in one[0]["params"].items():
+            torch.testing.assert_close(rank["params"][key], value, rtol=0, atol=1e-6)
+
+
 def test_batchnorm_chunks_are_the_same_across_ranks(tmp_path):
     _fit(tmp_path / "one", "bn", devices=1)
     _fit(tmp_path / "two", "bn", devices=2)
