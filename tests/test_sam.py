@@ -31,11 +31,14 @@ def _data(n=96):
 
 
 def _grads(net, x, y, autocast=False):
+    """Gradients as Lightning makes them; fp16 scales the loss by GradScaler's 2^16."""
     net.zero_grad()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    dtype = torch.float16 if autocast == "fp16" else torch.bfloat16
+    scale = 2.0**16 if autocast == "fp16" else 1.0
+    with torch.autocast("cpu", dtype=dtype, enabled=bool(autocast)):
         loss = F.cross_entropy(net(x), y)
-    loss.backward()
-    return [p.grad.detach().clone() for p in net.parameters()]
+    (loss * scale).backward()
+    return [p.grad.detach().clone() / scale for p in net.parameters()]
 
 
 def _reference_run(net, x, y, base, steps, rho=RHO, adaptive=False, clip=None, autocast=False):
@@ -321,3 +324,43 @@ def test_sam_edge_needs_sam_over_plain_gradient_descent():
     monitor = SharpnessMonitor(every_n_steps=5, threshold=None)
     _fit(model=Net("adam"), callbacks=[monitor])
     assert "eos/threshold" not in monitor.history[-1] and "eos/eig_3" in monitor.history[-1]
+
+
+# --- 16-mixed with a GradScaler -------------------------------------------------------------
+
+
+class InfAt(Net):
+    """Returns an infinite loss on the first or the perturbed pass of step ``at``."""
+
+    def __init__(self, at=None, which="perturbed"):
+        super().__init__()
+        self.at, self.which = at, which
+
+    def loss(self, batch):
+        loss = super().loss(batch)
+        opt = self.trainer.optimizers[0]
+        hit = self.trainer.global_step == self.at and opt.perturbed == (self.which == "perturbed")
+        return loss * float("inf") if hit else loss
+
+
+def _fit_16_mixed(model, steps):
+    from lightning_eos.callbacks import SAMMixedPrecision
+
+    plugin = SAMMixedPrecision("16-mixed", device="cpu")
+    model, trainer = _fit(steps, model=model, plugins=[plugin])
+    return model, plugin.scaler
+
+
+def test_16_mixed_matches_eq_1_under_autocast():
+    model, scaler = _fit_16_mixed(Net(), 5)
+    assert model.calls == 10 and scaler.get_scale() == 2.0**16  # no overflow, no skip
+    _assert_matches_reference(model, autocast="fp16")
+
+
+@pytest.mark.parametrize("which", ["first", "perturbed"])
+def test_16_mixed_skips_a_step_with_an_inf_and_keeps_the_weights(which):
+    clean, _ = _fit_16_mixed(Net(), 2)
+    hit, scaler = _fit_16_mixed(InfAt(at=2, which=which), 3)  # step 3 sees an inf
+    for a, b in zip(clean.parameters(), hit.parameters(), strict=True):
+        assert torch.equal(a, b)  # the third step was skipped, w restored bit for bit
+    assert scaler.get_scale() == 2.0**15  # and the scale halved

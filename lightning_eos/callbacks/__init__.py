@@ -6,6 +6,8 @@ Monitors
     optimizers, their threshold, and the raw sharpness.
 Interventions
     :class:`FreezePreconditioner` -- swap in frozen Adam at a given step.
+Precision
+    :class:`SAMMixedPrecision` -- SAM under ``16-mixed`` (GradScaler).
 Figures
     :class:`SharpnessPlot` -- PNG of the sharpness against its threshold at fit end.
 """
@@ -13,11 +15,13 @@ Figures
 from lightning_eos.callbacks.freeze import FreezePreconditioner
 from lightning_eos.callbacks.plot import SharpnessPlot
 from lightning_eos.callbacks.preconditioned import PreconditionedSharpnessMonitor
+from lightning_eos.callbacks.sam_precision import SAMMixedPrecision
 from lightning_eos.callbacks.sharpness import SharpnessMonitor
 
 __all__ = [
     "FreezePreconditioner",
     "PreconditionedSharpnessMonitor",
+    "SAMMixedPrecision",
     "SharpnessMonitor",
     "SharpnessPlot",
 ]

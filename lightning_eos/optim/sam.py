@@ -54,17 +54,23 @@ def buffers_restored() -> Iterator[None]:
                         current.copy_(value)
 
 
+def refuse_accumulation(module: Any) -> None:
+    """Raise if ``module`` is a LightningModule that accumulates gradients automatically."""
+    trainer = getattr(module, "_trainer", None)
+    if trainer is None or not getattr(module, "automatic_optimization", False):
+        return
+    if trainer.accumulate_grad_batches > 1:
+        raise RuntimeError(
+            "SAM does not support accumulate_grad_batches > 1: its second pass would "
+            "re-evaluate only the last micro-batch at the perturbed point. Use a larger "
+            "batch or manual optimization with a closure over all micro-batches."
+        )
+
+
 def _refuse_accumulation(closure: Callable[[], Any]) -> None:
     """Lightning wraps the closure as ``partial(_wrap_closure, module, optimizer, closure)``."""
     for arg in getattr(closure, "args", ()):
-        trainer = getattr(arg, "_trainer", None)
-        if trainer is not None and getattr(arg, "automatic_optimization", False):
-            if trainer.accumulate_grad_batches > 1:
-                raise RuntimeError(
-                    "SAM does not support accumulate_grad_batches > 1: its second pass would "
-                    "re-evaluate only the last micro-batch at the perturbed point. Use a larger "
-                    "batch or manual optimization with a closure over all micro-batches."
-                )
+        refuse_accumulation(arg)
 
 
 class SAM(Optimizer):
@@ -86,7 +92,11 @@ class SAM(Optimizer):
     In Lightning's automatic optimization the closure runs twice per step and
     ``global_step`` advances once. Gradient clipping by norm of the first gradient does
     not change :math:`g/\\lVert g\\rVert`, so the update is that of clipping the second
-    gradient only. The perturbed pass leaves BatchNorm buffers as they were. A
+    gradient only. The perturbed pass leaves BatchNorm buffers as they were, and
+    ``perturbed`` is ``True`` during it (Lightning keeps that pass's outputs, so log the
+    training loss only when ``not optimizer.perturbed`` to log the loss at :math:`w`).
+    Under ``16-mixed``, GradScaler cannot call a closure: use
+    :class:`lightning_eos.callbacks.SAMMixedPrecision`. A
     non-finite gradient norm at :math:`w` skips the step (parameters and state
     unchanged) with a warning. Manual optimization: pass a closure that zeroes the
     gradients, computes the loss and calls ``manual_backward``, to ``opt.step(closure)``.
@@ -120,6 +130,7 @@ class SAM(Optimizer):
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self._link()
         self._origin: dict[Tensor, Tensor] = {}
+        self.perturbed = False  # True while the closure runs at w + e
 
     def _link(self) -> None:
         """Share the base optimizer's param groups and state (one truth for checkpoints)."""
@@ -146,7 +157,7 @@ class SAM(Optimizer):
         return out
 
     @torch.no_grad()
-    def first_step(self) -> bool:
+    def first_step(self, warn: bool = True) -> bool:
         """Move to :math:`w + e`; return ``False`` (and stay) if the gradient norm is not finite."""
         scaled = self._scaled_gradients()
         if not scaled:
@@ -155,9 +166,10 @@ class SAM(Optimizer):
             torch.stack([torch.linalg.vector_norm(g.to(torch.float32)) for _, _, g in scaled])
         )
         if not torch.isfinite(norm):
-            warnings.warn(
-                "SAM: the gradient norm is not finite; the step is skipped.", stacklevel=3
-            )
+            if warn:
+                warnings.warn(
+                    "SAM: the gradient norm is not finite; the step is skipped.", stacklevel=3
+                )
             return False
         self._origin = {}
         for group, p, g in scaled:
@@ -167,6 +179,20 @@ class SAM(Optimizer):
             self._origin[p] = p.detach().clone()
             p.add_(e)
         return True
+
+    @contextmanager
+    def perturbed_pass(self) -> Iterator[None]:
+        """Run the second closure inside: gradients on, buffers restored, ``perturbed`` set.
+
+        On exit the parameters are back at :math:`w`, whatever happened inside.
+        """
+        self.perturbed = True
+        try:
+            with torch.enable_grad(), buffers_restored():
+                yield
+        finally:
+            self.perturbed = False
+            self.restore()
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -189,10 +215,7 @@ class SAM(Optimizer):
             loss = closure()
         if not self.first_step():
             return loss
-        try:
-            with torch.enable_grad(), buffers_restored():
-                closure()
-        finally:
-            self.restore()
+        with self.perturbed_pass():
+            closure()
         self.base_optimizer.step()
         return loss
