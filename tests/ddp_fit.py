@@ -31,13 +31,14 @@ class Net(L.LightningModule):
         lr: float = 0.5,
         adam: bool = False,
         sam: bool = False,
+        per_replica: bool = False,
     ):
         super().__init__()
         norm = nn.BatchNorm1d(16) if batchnorm else nn.Identity()
         self.net = nn.Sequential(
             nn.Linear(64, 16), norm, nn.Tanh(), nn.Dropout(dropout), nn.Linear(16, 10)
         )
-        self.lr, self.adam, self.sam = lr, adam, sam
+        self.lr, self.adam, self.sam, self.per_replica = lr, adam, sam, per_replica
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -47,7 +48,13 @@ class Net(L.LightningModule):
 
     def configure_optimizers(self):
         if self.sam:
-            return SAM(self.parameters(), torch.optim.SGD, rho=0.1, lr=self.lr)
+            return SAM(
+                self.parameters(),
+                torch.optim.SGD,
+                rho=0.1,
+                lr=self.lr,
+                per_replica=self.per_replica,
+            )
         if self.adam:
             return torch.optim.Adam(self.parameters(), lr=1e-2)
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
@@ -101,7 +108,7 @@ def main() -> None:
 
     L.seed_everything(0, verbose=False)
     scenario = args.scenario
-    full_batch = scenario in ("exact", "bn", "adam", "sam")
+    full_batch = scenario in ("exact", "bn", "adam", "sam", "sam-replica")
     data = DigitsDataModule(
         num_train=200,
         num_val=50,
@@ -114,7 +121,8 @@ def main() -> None:
         dropout=0.2 if scenario == "perturb" else 0.0,
         lr=1e-12 if scenario == "bn" else 0.5,
         adam=scenario == "adam",
-        sam=scenario == "sam",
+        sam=scenario.startswith("sam"),
+        per_replica=scenario == "sam-replica",
     )
     monitor_type = PreconditionedSharpnessMonitor if scenario == "adam" else SharpnessMonitor
     monitor = monitor_type(
@@ -143,9 +151,15 @@ def main() -> None:
         accelerator="cpu",
         devices=args.devices,
         strategy=args.strategy if args.devices > 1 else "auto",
-        max_steps={"exact": 4, "adam": 4, "sam": 4, "bn": 1, "perturb": 6, "nan": 6}.get(
-            scenario, 8
-        ),
+        max_steps={
+            "exact": 4,
+            "adam": 4,
+            "sam": 4,
+            "sam-replica": 2,
+            "bn": 1,
+            "perturb": 6,
+            "nan": 6,
+        }.get(scenario, 8),
         logger=CSVLogger(out, name="csv"),
         callbacks=callbacks,
         enable_checkpointing=scenario == "resume-full",

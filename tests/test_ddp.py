@@ -102,6 +102,53 @@ def test_sam_under_ddp_trains_and_logs_as_one_process(tmp_path):
             torch.testing.assert_close(rank["params"][key], value, rtol=0, atol=1e-6)
 
 
+def test_per_replica_sam_ascends_along_each_shard_and_averages_the_second_gradient(tmp_path):
+    import lightning as L
+    import torch.nn.functional as F
+    from ddp_fit import Net
+    from torch.utils.data import DistributedSampler
+
+    from lightning_eos.data import DigitsDataModule
+
+    ranks = _fit(tmp_path, "sam-replica", 2, "--no-monitor")
+    assert torch.equal(ranks[0]["params"]["net.0.weight"], ranks[1]["params"]["net.0.weight"])
+
+    # w <- w - lr * mean_r grad L_r(w + rho g_r / |g_r|), with rank r's shard of this epoch
+    L.seed_everything(0, verbose=False)
+    net = Net(sam=True).net
+    data = DigitsDataModule(num_train=200, num_val=50, target="label", batch_size=100)
+    data.setup()
+    x, y = data.train_set.tensors
+    params = list(net.parameters())
+
+    def grad(index):
+        net.zero_grad()
+        F.cross_entropy(net(x[index]), y[index]).backward()
+        return [p.grad.clone() for p in params]
+
+    for epoch in range(2):  # full batch: one step per epoch
+        second = []
+        for r in range(2):
+            sampler = DistributedSampler(range(200), num_replicas=2, rank=r, shuffle=True, seed=0)
+            sampler.set_epoch(epoch)
+            shard = list(sampler)
+            g = grad(shard)
+            norm = torch.sqrt(sum((gi**2).sum() for gi in g))
+            origin = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for p, gi in zip(params, g, strict=True):
+                    p.add_(0.1 * gi / norm)
+            second.append(grad(shard))
+            with torch.no_grad():
+                for p, o in zip(params, origin, strict=True):
+                    p.copy_(o)
+        with torch.no_grad():
+            for p, a, b in zip(params, *second, strict=True):
+                p.sub_(0.5 * (a + b) / 2)
+    for value, p in zip(ranks[0]["params"].values(), params, strict=True):
+        torch.testing.assert_close(value, p.detach(), rtol=0, atol=1e-6)
+
+
 def test_batchnorm_chunks_are_the_same_across_ranks(tmp_path):
     _fit(tmp_path / "one", "bn", devices=1)
     _fit(tmp_path / "two", "bn", devices=2)

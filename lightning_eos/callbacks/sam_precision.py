@@ -11,6 +11,13 @@ from typing_extensions import override
 from lightning_eos.optim.sam import SAM, refuse_accumulation
 
 
+class _LightningClosure:
+    """Shows SAM the module, as Lightning's wrapped closure does (for ``per_replica``)."""
+
+    def __init__(self, module: L.LightningModule) -> None:
+        self.args = (module,)
+
+
 class SAMMixedPrecision(MixedPrecision):
     """Lightning's mixed precision plugin, with SAM's two passes around one GradScaler step.
 
@@ -38,7 +45,8 @@ class SAMMixedPrecision(MixedPrecision):
             return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
         refuse_accumulation(model)
         scaler = self.scaler
-        loss = closure()
+        with optimizer._first_pass_sync(_LightningClosure(model)):
+            loss = closure()
         if loss is None and model.automatic_optimization:
             return loss  # training_step skipped the backward
         scaler.unscale_(optimizer)  # SAM's own entry in the scaler: the first pass

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -87,6 +87,11 @@ class SAM(Optimizer):
         adaptive: ASAM: :math:`e = \\rho\\,T^2 g / \\lVert T g\\rVert` with
             :math:`T = |w|` (elementwise), instead of :math:`\\rho\\, g/\\lVert g\\rVert`.
         eps: added to the norm.
+        per_replica: under DDP, ascend along each replica's own gradient: the first pass
+            (forward and backward) runs inside ``no_sync()`` of the DDP module, so only
+            the second gradient is averaged. Default: both passes are synchronized, and
+            every replica takes the same ascent step. Lightning's DDP module is found
+            from the closure; elsewhere set ``sam.ddp_module``.
         **base_kwargs: passed to ``base_optimizer`` when it is a class.
 
     In Lightning's automatic optimization the closure runs twice per step and
@@ -121,12 +126,14 @@ class SAM(Optimizer):
         rho: float = 0.05,
         adaptive: bool = False,
         eps: float = 1e-12,
+        per_replica: bool = False,
         **base_kwargs: Any,
     ) -> None:
         if rho < 0:
             raise ValueError(f"rho={rho} must be nonnegative.")
         super().__init__(params, dict(rho=rho, adaptive=adaptive))
-        self.eps = eps
+        self.eps, self.per_replica = eps, per_replica
+        self.ddp_module: Any = None  # set it (or let Lightning's closure reveal it) for per_replica
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self._link()
         self._origin: dict[Tensor, Tensor] = {}
@@ -180,6 +187,18 @@ class SAM(Optimizer):
             p.add_(e)
         return True
 
+    def _first_pass_sync(self, closure: Any = None) -> Any:
+        """``no_sync()`` of the DDP module for ``per_replica``, else nothing."""
+        if not self.per_replica:
+            return nullcontext()
+        ddp = self.ddp_module
+        for arg in getattr(closure, "args", ()):  # Lightning: the module's strategy's model
+            trainer = getattr(arg, "_trainer", None)
+            if ddp is None and trainer is not None:
+                ddp = getattr(trainer.strategy, "model", None)
+        no_sync = getattr(ddp, "no_sync", None)
+        return no_sync() if no_sync is not None else nullcontext()
+
     @contextmanager
     def perturbed_pass(self) -> Iterator[None]:
         """Run the second closure inside: gradients on, buffers restored, ``perturbed`` set.
@@ -211,7 +230,7 @@ class SAM(Optimizer):
                 "automatic optimization; in manual optimization call opt.step(closure)."
             )
         _refuse_accumulation(closure)
-        with torch.enable_grad():
+        with torch.enable_grad(), self._first_pass_sync(closure):
             loss = closure()
         if not self.first_step():
             return loss
