@@ -78,6 +78,7 @@ class SharpnessMonitor(Callback):
     ``eos/threshold``         the live optimizer's threshold (e.g. :math:`2/\\eta`)
     ``eos/sharpness_ratio``   :math:`\\lambda_1(H)` / threshold
     ``eos/lanczos_iters``     Hessian-vector products spent on the measurement
+    ``eos/loss``              the mean loss on the measurement set
     ========================  ===================================================
 
     Under :class:`~lightning_eos.optim.SAM` (over plain gradient descent) the threshold
@@ -338,12 +339,13 @@ class SharpnessMonitor(Callback):
         Fig. 6 compares the top eigenvector :math:`q_1` with :math:`\\nabla L(w)` and with
         SAM's gradient :math:`\\nabla L(w + e)`, :math:`e = \\rho\\, g/\\lVert g\\rVert`.
         """
+        extras = {"eos/loss": hessian.loss()}
         sam = self._sam(trainer)
         if sam is None and not self.alignment:
-            return {}
+            return extras
         gradient = hessian.gradient()
         norm = float(gradient.norm())
-        extras = {"eos/grad_norm": norm}
+        extras["eos/grad_norm"] = norm
         if sam is not None and self.threshold == "auto":
             extras["eos/sam_edge"] = sam_threshold(sam, norm)
         if not self.alignment or "hessian" not in results:

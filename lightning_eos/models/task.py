@@ -70,9 +70,16 @@ class SupervisedTask(L.LightningModule):
         loss = classification_loss(self.loss_name, out, y)
         labels = y.argmax(-1) if y.dim() == out.dim() else y
         acc = (out.argmax(-1) == labels).float().mean()
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "train")
-        self.log(f"{stage}/acc", acc)
+        if not self._sam_perturbed_pass():  # log the loss at w, not SAM's at w + e
+            self.log(f"{stage}/loss", loss, prog_bar=stage == "train")
+            self.log(f"{stage}/acc", acc)
         return loss
+
+    def _sam_perturbed_pass(self) -> bool:
+        trainer = self._trainer
+        return trainer is not None and any(
+            getattr(o, "perturbed", False) for o in trainer.optimizers
+        )
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._step(batch, "train")
