@@ -364,3 +364,13 @@ def test_16_mixed_skips_a_step_with_an_inf_and_keeps_the_weights(which):
     for a, b in zip(clean.parameters(), hit.parameters(), strict=True):
         assert torch.equal(a, b)  # the third step was skipped, w restored bit for bit
     assert scaler.get_scale() == 2.0**15  # and the scale halved
+
+
+def test_preconditioned_monitor_sees_through_sam_to_adam():
+    from lightning_eos.callbacks import PreconditionedSharpnessMonitor
+
+    monitor = PreconditionedSharpnessMonitor(every_n_steps=5, num_samples=None)
+    _fit(model=Net("adam"), callbacks=[monitor])
+    last = monitor.history[-1]
+    assert last["eos/preconditioned_threshold"] == pytest.approx(38 * (1 - 0.9**5) / 1e-2)
+    assert "eos/sam_edge" not in last and "eos/grad_norm" in last

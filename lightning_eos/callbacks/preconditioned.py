@@ -77,6 +77,8 @@ class PreconditionedSharpnessMonitor(SharpnessMonitor):
         True
     """
 
+    _threshold_is_sam_edge = False  # the threshold is on lambda_1(P^-1 H)
+
     def __init__(
         self,
         every_n_steps: int = 10,

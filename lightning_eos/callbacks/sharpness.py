@@ -128,6 +128,8 @@ class SharpnessMonitor(Callback):
         True
     """
 
+    _threshold_is_sam_edge = True  # under SAM, eos/threshold is the SAM-edge (on lambda_1(H))
+
     def __init__(
         self,
         every_n_steps: int = 10,
@@ -346,7 +348,7 @@ class SharpnessMonitor(Callback):
         gradient = hessian.gradient()
         norm = float(gradient.norm())
         extras["eos/grad_norm"] = norm
-        if sam is not None and self.threshold == "auto":
+        if sam is not None and self.threshold == "auto" and self._threshold_is_sam_edge:
             extras["eos/sam_edge"] = sam_threshold(sam, norm)
         if not self.alignment or "hessian" not in results:
             return extras
