@@ -97,7 +97,8 @@ class SAM(Optimizer):
     In Lightning's automatic optimization the closure runs twice per step and
     ``global_step`` advances once. Gradient clipping by norm of the first gradient does
     not change :math:`g/\\lVert g\\rVert`, so the update is that of clipping the second
-    gradient only. The perturbed pass leaves BatchNorm buffers as they were, and
+    gradient only (clipping by value would change the ascent direction: avoid it). The
+    perturbed pass leaves BatchNorm buffers as they were, and
     ``perturbed`` is ``True`` during it (Lightning keeps that pass's outputs, so log the
     training loss only when ``not optimizer.perturbed`` to log the loss at :math:`w`).
     Under ``16-mixed``, GradScaler cannot call a closure: use
