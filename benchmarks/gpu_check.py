@@ -9,6 +9,8 @@ C. a BatchNorm network under SGD: train-mode lambda_i(H) against the dense refer
 D. non-perturbation: parameters and Adam state, bit for bit, with and without monitors
    (deterministic kernels).
 E. cost: one cold and one warm measurement of the 95k-parameter digits FCN, full batch.
+F. SAM under 16-mixed (SAMMixedPrecision, CUDA GradScaler) and bf16-mixed against eq. (1)
+   written by hand under the same autocast; an inf on the perturbed pass skips the step.
 """
 
 from __future__ import annotations
@@ -180,6 +182,95 @@ def check_cost():
     return timings
 
 
+class SAMNet(Net):
+    def __init__(self, inf_at=None):
+        super().__init__()
+        self.inf_at = inf_at
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        sam = self.trainer.optimizers[0]
+        if self.trainer.global_step == self.inf_at and sam.perturbed:
+            return loss * float("inf")
+        return loss
+
+    def configure_optimizers(self):
+        from lightning_eos.optim import SAM
+
+        return SAM(self.parameters(), torch.optim.SGD, rho=0.1, lr=0.5)
+
+
+def _sam_fit(precision, steps, inf_at=None):
+    from lightning_eos.callbacks import SAMMixedPrecision
+
+    L.seed_everything(0, verbose=False)
+    model = SAMNet(inf_at)
+    plugin = SAMMixedPrecision("16-mixed", DEVICE) if precision == "16-mixed" else None
+    trainer = L.Trainer(
+        accelerator=DEVICE,
+        devices=1,
+        precision=None if plugin else precision,
+        plugins=[plugin] if plugin else None,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    data = DigitsDataModule(num_train=256, num_val=32, batch_size=256, target="label")
+    trainer.fit(model, data)
+    return model, trainer, plugin
+
+
+def _sam_reference(precision, steps):
+    L.seed_everything(0, verbose=False)
+    net = Net().net.to(DEVICE)
+    data = DigitsDataModule(num_train=256, num_val=32, batch_size=256, target="label")
+    data.setup()
+    x, y = (t.to(DEVICE) for t in data.train_set.tensors)
+    dtype = torch.float16 if precision == "16-mixed" else torch.bfloat16
+    scale = 2.0**16 if precision == "16-mixed" else 1.0
+    params = list(net.parameters())
+
+    def grads():
+        net.zero_grad()
+        with torch.autocast(DEVICE, dtype=dtype):
+            loss = F.cross_entropy(net(x), y)
+        (loss * scale).backward()
+        return [p.grad / scale for p in params]
+
+    for _ in range(steps):
+        g = grads()
+        norm = torch.sqrt(sum((gi.float() ** 2).sum() for gi in g))
+        origin = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, gi in zip(params, g):
+                p.add_(0.1 * gi / norm)
+        g2 = grads()
+        with torch.no_grad():
+            for p, o, gi in zip(params, origin, g2):
+                p.copy_(o).sub_(0.5 * gi)
+    return params
+
+
+def check_sam():
+    report = {}
+    for precision in ("16-mixed", "bf16-mixed"):
+        model, _, _ = _sam_fit(precision, 5)
+        ref = _sam_reference(precision, 5)
+        diff = max((a - b).abs().max().item() for a, b in zip(model.net.parameters(), ref))
+        report[f"{precision}_max_abs_diff_vs_eq1"] = diff
+    clean, _, _ = _sam_fit("16-mixed", 2)
+    hit, _, plugin = _sam_fit("16-mixed", 3, inf_at=2)
+    report["inf_step_skipped_weights_equal"] = all(
+        torch.equal(a, b) for a, b in zip(clean.parameters(), hit.parameters())
+    )
+    report["scale_after_inf"] = plugin.scaler.get_scale()
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "outputs/gpu_check"))
@@ -195,6 +286,7 @@ def main() -> None:
         ("C_batchnorm_sgd", check_batchnorm),
         ("D_non_perturbation", check_non_perturbation),
         ("E_cost_95k_fcn", check_cost),
+        ("F_sam_mixed_precision", check_sam),
     ):
         try:
             report[name] = check()

@@ -177,8 +177,10 @@ def sam_edge(lr: float, rho: float, grad_norm: float) -> float:
     _check_lr(lr)
     if rho == 0:
         return 2.0 / lr
-    if grad_norm <= 0:
-        raise ValueError("The SAM edge needs a positive gradient norm.")
+    if grad_norm < 0:
+        raise ValueError("The gradient norm cannot be negative.")
+    if grad_norm == 0:
+        return 0.0  # the limit: the edge shrinks like sqrt(2|g|/(rho eta))
     return grad_norm / (2.0 * rho) * (math.sqrt(1.0 + 8.0 * rho / (lr * grad_norm)) - 1.0)
 
 

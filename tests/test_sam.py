@@ -41,7 +41,9 @@ def _grads(net, x, y, autocast=False):
     return [p.grad.detach().clone() / scale for p in net.parameters()]
 
 
-def _reference_run(net, x, y, base, steps, rho=RHO, adaptive=False, clip=None, autocast=False):
+def _reference_run(
+    net, x, y, base, steps, rho=RHO, adaptive=False, clip=None, autocast=False, clip_value=None
+):
     """Eq. (1) written out: e = rho T^2 g / |T g| (T = 1 or |w|), base step on g(w + e)."""
     params = list(net.parameters())
     for _ in range(steps):
@@ -60,6 +62,8 @@ def _reference_run(net, x, y, base, steps, rho=RHO, adaptive=False, clip=None, a
             p.grad = gi
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(params, clip)
+        if clip_value is not None:
+            torch.nn.utils.clip_grad_value_(params, clip_value)
         base.step()
     return net
 
@@ -142,11 +146,16 @@ def test_batchnorm_buffers_see_one_forward_pass_per_step():
 
 
 class Net(L.LightningModule):
-    def __init__(self, base="sgd", manual=False, batchnorm=False):
+    def __init__(self, base="sgd", manual=False, batchnorm=False, compile=False):
         super().__init__()
         self.net = _net(batchnorm)
-        self.base, self.calls = base, 0
+        if compile:
+            self.net = torch.compile(self.net, backend="eager")
+        self.base, self.calls, self.hook_calls = base, 0, 0
         self.automatic_optimization = not manual
+
+    def on_before_optimizer_step(self, optimizer):
+        self.hook_calls += 1
 
     def loss(self, batch):
         x, y = batch
@@ -205,9 +214,36 @@ def test_bf16_mixed():
     _assert_matches_reference(model, autocast=True)
 
 
-def test_gradient_clipping_applies_to_the_second_gradient():
+def test_gradient_clipping_and_hooks_apply_to_the_second_gradient_only():
     model, _ = _fit(gradient_clip_val=0.05)
+    assert model.hook_calls == 5  # on_before_optimizer_step once per step
     _assert_matches_reference(model, clip=0.05)
+    model, _ = _fit(gradient_clip_val=1e-3, gradient_clip_algorithm="value")
+    _assert_matches_reference(model, clip_value=1e-3)
+
+
+def test_a_non_finite_gradient_at_the_perturbed_point_skips_the_step():
+    w = nn.Parameter(torch.ones(3))
+    opt = SAM([w], torch.optim.SGD, lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = (w**2).sum() * (float("inf") if opt.perturbed else 1.0)
+        loss.backward()
+        return loss
+
+    with pytest.warns(UserWarning, match="w \\+ e"):
+        opt.step(closure)
+    assert torch.equal(w.detach(), torch.ones(3))
+
+
+def test_batchnorm_buffers_are_kept_for_a_compiled_model_in_lightning():
+    x, y = _data().train_set.tensors
+    model, _ = _fit(1, model=Net(batchnorm=True, compile=True))
+    plain = _net(batchnorm=True).train()
+    plain(x)  # the one forward pass at w of the only step
+    for a, b in zip(model.net._orig_mod[1].buffers(), plain[1].buffers(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_gradient_accumulation_is_refused():

@@ -11,13 +11,6 @@ from typing_extensions import override
 from lightning_eos.optim.sam import SAM, refuse_accumulation
 
 
-class _LightningClosure:
-    """Shows SAM the module, as Lightning's wrapped closure does (for ``per_replica``)."""
-
-    def __init__(self, module: L.LightningModule) -> None:
-        self.args = (module,)
-
-
 class SAMMixedPrecision(MixedPrecision):
     """Lightning's mixed precision plugin, with SAM's two passes around one GradScaler step.
 
@@ -44,17 +37,22 @@ class SAMMixedPrecision(MixedPrecision):
         if self.scaler is None or not isinstance(optimizer, SAM):
             return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
         refuse_accumulation(model)
+        if optimizer.per_replica and model.trainer.world_size > 1:
+            raise ValueError(
+                "SAMMixedPrecision does not support per_replica=True: each rank's scaler "
+                "would see its own overflows and the loss scales would drift apart."
+            )
         scaler = self.scaler
-        with optimizer._first_pass_sync(_LightningClosure(model)):
-            loss = closure()
+        loss = closure()
         if loss is None and model.automatic_optimization:
             return loss  # training_step skipped the backward
         scaler.unscale_(optimizer)  # SAM's own entry in the scaler: the first pass
         if not optimizer.first_step(warn=False):  # inf/NaN: no step, and a smaller scale
             scaler.update()
             return loss
-        with optimizer.perturbed_pass():
-            closure()
+        with optimizer.perturbed_pass(model):
+            if closure() is None and model.automatic_optimization:
+                raise RuntimeError("training_step returned no loss at SAM's perturbed point.")
         base = optimizer.base_optimizer
         scaler.unscale_(base)  # the base optimizer's entry: the second pass
         self._after_closure(model, optimizer)

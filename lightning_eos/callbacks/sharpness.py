@@ -32,6 +32,7 @@ from lightning_eos.curvature import (
     MeasurementMode,
     NonFiniteCurvatureError,
     StopRule,
+    flatten,
     lanczos,
     measurement_context,
     unflatten,
@@ -354,9 +355,10 @@ class SharpnessMonitor(Callback):
             return extras
         q1 = results["hessian"].eigenvectors[0].to(gradient)
         extras["eos/grad_alignment"] = _abs_cosine(q1, gradient)
-        if sam is not None:
-            rho = float(sam.param_groups[0]["rho"])
-            shifted = self._gradient_at(trainer, pl_module, hessian, gradient * (rho / norm))
+        if sam is not None:  # SAM's own ascent step, per group (rho, ASAM)
+            grads = [g.detach() for g in unflatten(gradient, hessian.params)]
+            shift = flatten(sam.perturbation(list(hessian.params), grads))
+            shifted = self._gradient_at(trainer, pl_module, hessian, shift)
             extras["eos/sam_grad_alignment"] = _abs_cosine(q1, shifted)
         return extras
 
@@ -443,7 +445,8 @@ class SharpnessMonitor(Callback):
         threshold = self._threshold_now(trainer)
         if threshold is not None:
             metrics["eos/threshold"] = threshold
-            metrics["eos/sharpness_ratio"] = eigenvalues[0] / threshold
+            if threshold > 0:  # the SAM-edge is 0 at a zero gradient
+                metrics["eos/sharpness_ratio"] = eigenvalues[0] / threshold
         return metrics
 
     # --- persistence ------------------------------------------------------------------

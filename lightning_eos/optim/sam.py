@@ -19,6 +19,7 @@ from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -28,28 +29,38 @@ OptimizerFactory = Callable[[Iterable[Any]], Optimizer]
 
 
 @contextmanager
-def buffers_restored() -> Iterator[None]:
-    """Undo every buffer change of the modules that run forward inside the block.
+def buffers_restored(module: nn.Module | None = None) -> Iterator[None]:
+    """Undo every buffer change made inside the block.
 
-    A global forward pre-hook snapshots each module's own buffers the first time it runs
-    (BatchNorm's running mean, variance and ``num_batches_tracked``, so cumulative
-    averages with ``momentum=None`` are restored too); on exit they are copied back.
+    With ``module``, all of its buffers (recursively) are snapshotted and copied back: this
+    also covers compiled submodules and buffers changed outside ``forward``. Without it, a
+    global forward pre-hook snapshots the own buffers of each module the first time it
+    runs forward inside the block (BatchNorm's running statistics and
+    ``num_batches_tracked``, so cumulative averages with ``momentum=None`` are restored
+    too); that fallback misses modules inside ``torch.compile`` and buffers changed
+    outside their module's ``forward``.
     """
     saved: dict[nn.Module, dict[str, Tensor]] = {}
 
-    def snapshot(module: nn.Module, args: Any) -> None:
-        if module not in saved:
-            saved[module] = {n: b.detach().clone() for n, b in module.named_buffers(recurse=False)}
+    def snapshot(mod: nn.Module, args: Any = None) -> None:
+        if mod not in saved:
+            saved[mod] = {n: b.detach().clone() for n, b in mod.named_buffers(recurse=False)}
 
-    handle = nn.modules.module.register_module_forward_pre_hook(snapshot)
+    handle = None
+    if module is not None:
+        for mod in module.modules():
+            snapshot(mod)
+    else:
+        handle = nn.modules.module.register_module_forward_pre_hook(snapshot)
     try:
         yield
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
         with torch.no_grad():
-            for module, buffers in saved.items():
+            for mod, buffers in saved.items():
                 for name, value in buffers.items():
-                    current = getattr(module, name, None)
+                    current = getattr(mod, name, None)
                     if isinstance(current, Tensor):
                         current.copy_(value)
 
@@ -67,10 +78,22 @@ def refuse_accumulation(module: Any) -> None:
         )
 
 
-def _refuse_accumulation(closure: Callable[[], Any]) -> None:
-    """Lightning wraps the closure as ``partial(_wrap_closure, module, optimizer, closure)``."""
-    for arg in getattr(closure, "args", ()):
-        refuse_accumulation(arg)
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """One device sync for all of them."""
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+
+
+def _lightning_parts(closure: Any) -> tuple[Any, Callable[[], Any] | None]:
+    """(module, inner closure) of Lightning's ``partial(_wrap_closure, module, opt, closure)``.
+
+    The inner closure runs ``training_step`` and backward without Lightning's after-closure
+    work (``on_before_optimizer_step``, gradient clipping), which belongs to the second
+    gradient only. ``(None, None)`` for any other closure.
+    """
+    args = getattr(closure, "args", ())
+    if len(args) == 3 and getattr(args[0], "_trainer", None) is not None and callable(args[2]):
+        return args[0], args[2]
+    return None, None
 
 
 class SAM(Optimizer):
@@ -139,6 +162,7 @@ class SAM(Optimizer):
         self._link()
         self._origin: dict[Tensor, Tensor] = {}
         self.perturbed = False  # True while the closure runs at w + e
+        self.module: nn.Module | None = None  # whose buffers the perturbed pass keeps
 
     def _link(self) -> None:
         """Share the base optimizer's param groups and state (one truth for checkpoints)."""
@@ -155,60 +179,83 @@ class SAM(Optimizer):
 
     # --- the two half steps -------------------------------------------------------------
 
-    def _scaled_gradients(self) -> list[tuple[dict[str, Any], Tensor, Tensor]]:
+    def perturbation(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        """SAM's ascent step :math:`e` for ``grads`` at ``params``, by their groups' settings.
+
+        :math:`e = \\rho\\, g/\\lVert g\\rVert`, or for ``adaptive`` groups (ASAM)
+        :math:`\\rho\\, T^2 g/\\lVert T g\\rVert` with :math:`T = |w|`; the norm runs over
+        all of them. Parameters outside SAM's groups get zero.
+        """
+        groups = {id(p): g for g in self.param_groups for p in g["params"]}
+        scales = [
+            p.detach().abs() if groups.get(id(p), {}).get("adaptive") else None for p in params
+        ]
+        scaled = [g if t is None else t * g for g, t in zip(grads, scales, strict=True)]
+        norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g.to(torch.float32)) for g in scaled])
+        )
         out = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    scale = p.detach().abs() if group["adaptive"] else None
-                    out.append((group, p, p.grad if scale is None else scale * p.grad))
+        for p, g, t in zip(params, scaled, scales, strict=True):
+            group = groups.get(id(p))
+            rho = 0.0 if group is None else group["rho"]
+            e = g * (rho / (norm.to(g.dtype) + self.eps))
+            out.append(e if t is None else e * t)  # T^2 g / |T g|
         return out
+
+    def _all_ranks_agree(self, ok: bool) -> bool:
+        """Under ``per_replica`` the decision is local; make every rank take it if any must."""
+        if not (self.per_replica and dist.is_available() and dist.is_initialized()):
+            return ok
+        flag = torch.tensor([float(ok)], device=self.param_groups[0]["params"][0].device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
 
     @torch.no_grad()
     def first_step(self, warn: bool = True) -> bool:
         """Move to :math:`w + e`; return ``False`` (and stay) if the gradient norm is not finite."""
-        scaled = self._scaled_gradients()
-        if not scaled:
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
             return False
-        norm = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g.to(torch.float32)) for _, _, g in scaled])
-        )
-        if not torch.isfinite(norm):
+        e = self.perturbation(params, [p.grad for p in params])
+        finite = _all_finite(e)
+        if not self._all_ranks_agree(finite):
             if warn:
                 warnings.warn(
                     "SAM: the gradient norm is not finite; the step is skipped.", stacklevel=3
                 )
             return False
         self._origin = {}
-        for group, p, g in scaled:
-            e = g * (group["rho"] / (norm.to(g.dtype) + self.eps))
-            if group["adaptive"]:
-                e = e * p.detach().abs()  # T^2 g / |T g|
+        for p, x in zip(params, e, strict=True):
             self._origin[p] = p.detach().clone()
-            p.add_(e)
+            p.add_(x)
         return True
 
-    def _first_pass_sync(self, closure: Any = None) -> Any:
+    def _first_pass_sync(self, module: Any = None) -> Any:
         """``no_sync()`` of the DDP module for ``per_replica``, else nothing."""
         if not self.per_replica:
             return nullcontext()
         ddp = self.ddp_module
-        for arg in getattr(closure, "args", ()):  # Lightning: the module's strategy's model
-            trainer = getattr(arg, "_trainer", None)
-            if ddp is None and trainer is not None:
-                ddp = getattr(trainer.strategy, "model", None)
+        if ddp is None and module is not None:  # Lightning: the strategy's wrapped model
+            ddp = getattr(module.trainer.strategy, "model", None)
         no_sync = getattr(ddp, "no_sync", None)
         return no_sync() if no_sync is not None else nullcontext()
 
+    def _gradients_finite(self) -> bool:
+        return _all_finite(
+            [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        )
+
     @contextmanager
-    def perturbed_pass(self) -> Iterator[None]:
+    def perturbed_pass(self, module: nn.Module | None = None) -> Iterator[None]:
         """Run the second closure inside: gradients on, buffers restored, ``perturbed`` set.
 
-        On exit the parameters are back at :math:`w`, whatever happened inside.
+        ``module`` (default: :attr:`module`) is the model whose buffers must not change;
+        without one, a global forward hook catches the modules that run (see
+        :func:`buffers_restored`). On exit the parameters are back at :math:`w`.
         """
         self.perturbed = True
         try:
-            with torch.enable_grad(), buffers_restored():
+            with torch.enable_grad(), buffers_restored(module or self.module):
                 yield
         finally:
             self.perturbed = False
@@ -230,12 +277,16 @@ class SAM(Optimizer):
                 "backpropagates: it evaluates the gradient twice. Lightning passes one in "
                 "automatic optimization; in manual optimization call opt.step(closure)."
             )
-        _refuse_accumulation(closure)
-        with torch.enable_grad(), self._first_pass_sync(closure):
-            loss = closure()
+        module, inner = _lightning_parts(closure)
+        refuse_accumulation(module)
+        with torch.enable_grad(), self._first_pass_sync(module):
+            loss = (inner or closure)()  # Lightning's hooks and clipping: second pass only
         if not self.first_step():
             return loss
-        with self.perturbed_pass():
+        with self.perturbed_pass(module):
             closure()
+        if not self._all_ranks_agree(self._gradients_finite()):
+            warnings.warn("SAM: non-finite gradient at w + e; the step is skipped.", stacklevel=2)
+            return loss
         self.base_optimizer.step()
         return loss
