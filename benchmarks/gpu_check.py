@@ -260,12 +260,13 @@ def check_sam():
     for precision in ("16-mixed", "bf16-mixed"):
         model, _, _ = _sam_fit(precision, 5)
         ref = _sam_reference(precision, 5)
-        diff = max((a - b).abs().max().item() for a, b in zip(model.net.parameters(), ref))
+        pairs = zip(model.net.parameters(), ref)  # Lightning moves the model back to the CPU
+        diff = max((a.cpu() - b.cpu()).abs().max().item() for a, b in pairs)
         report[f"{precision}_max_abs_diff_vs_eq1"] = diff
     clean, _, _ = _sam_fit("16-mixed", 2)
     hit, _, plugin = _sam_fit("16-mixed", 3, inf_at=2)
     report["inf_step_skipped_weights_equal"] = all(
-        torch.equal(a, b) for a, b in zip(clean.parameters(), hit.parameters())
+        torch.equal(a.cpu(), b.cpu()) for a, b in zip(clean.parameters(), hit.parameters())
     )
     report["scale_after_inf"] = plugin.scaler.get_scale()
     return report
