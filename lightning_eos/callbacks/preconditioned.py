@@ -96,6 +96,7 @@ class PreconditionedSharpnessMonitor(SharpnessMonitor):
         hvp_method: HVPMethod = "double_backward",
         measure_at_start: bool = True,
         seed: int = 0,
+        alignment: bool = False,
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -112,6 +113,7 @@ class PreconditionedSharpnessMonitor(SharpnessMonitor):
             hvp_method=hvp_method,
             measure_at_start=measure_at_start,
             seed=seed,
+            alignment=alignment,
         )
         self.raw_sharpness = raw_sharpness
         self._reading_threshold: float | None = None  # of the last measurement's reading

@@ -190,7 +190,10 @@ class SAM(Optimizer):
         scales = [
             p.detach().abs() if groups.get(id(p), {}).get("adaptive") else None for p in params
         ]
-        scaled = [g if t is None else t * g for g, t in zip(grads, scales, strict=True)]
+        scaled = [  # parameters SAM does not move count neither in e nor in the norm
+            torch.zeros_like(g) if id(p) not in groups else g if t is None else t * g
+            for p, g, t in zip(params, grads, scales, strict=True)
+        ]
         norm = torch.linalg.vector_norm(
             torch.stack([torch.linalg.vector_norm(g.to(torch.float32)) for g in scaled])
         )
