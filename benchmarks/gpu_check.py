@@ -54,13 +54,22 @@ class Net(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)
 
 
-def _fit(callbacks, precision="32-true", batchnorm=False, optimizer="adam", steps=10):
+def _fit(
+    callbacks=(),
+    precision="32-true",
+    batchnorm=False,
+    optimizer="adam",
+    steps=10,
+    model=None,
+    plugins=None,
+):
     L.seed_everything(0, verbose=False)
-    model = Net(batchnorm, optimizer)
+    model = model() if model is not None else Net(batchnorm, optimizer)
     trainer = L.Trainer(
         accelerator=DEVICE,
         devices=1,
-        precision=precision,
+        precision=None if plugins else precision,
+        plugins=plugins,
         max_steps=steps,
         deterministic=True,
         logger=False,
@@ -69,7 +78,7 @@ def _fit(callbacks, precision="32-true", batchnorm=False, optimizer="adam", step
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
-        callbacks=callbacks,
+        callbacks=list(callbacks),
     )
     data = DigitsDataModule(num_train=256, num_val=32, batch_size=256, target="label")
     trainer.fit(model, data)
@@ -203,24 +212,13 @@ class SAMNet(Net):
 def _sam_fit(precision, steps, inf_at=None):
     from lightning_eos.callbacks import SAMMixedPrecision
 
-    L.seed_everything(0, verbose=False)
-    model = SAMNet(inf_at)
     plugin = SAMMixedPrecision("16-mixed", DEVICE) if precision == "16-mixed" else None
-    trainer = L.Trainer(
-        accelerator=DEVICE,
-        devices=1,
-        precision=None if plugin else precision,
+    model, trainer = _fit(
+        precision=precision,
+        steps=steps,
+        model=lambda: SAMNet(inf_at),
         plugins=[plugin] if plugin else None,
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
     )
-    data = DigitsDataModule(num_train=256, num_val=32, batch_size=256, target="label")
-    trainer.fit(model, data)
     return model, trainer, plugin
 
 
