@@ -410,3 +410,19 @@ def test_preconditioned_monitor_sees_through_sam_to_adam():
     last = monitor.history[-1]
     assert last["eos/preconditioned_threshold"] == pytest.approx(38 * (1 - 0.9**5) / 1e-2)
     assert "eos/sam_edge" not in last and "eos/grad_norm" in last
+
+
+def test_supervised_task_logs_the_loss_at_w_not_at_the_perturbed_point():
+    from functools import partial
+
+    from lightning_eos.models import FCN, SupervisedTask
+
+    torch.manual_seed(0)
+    model = SupervisedTask(
+        FCN(width=16, depth=1), "cross_entropy", partial(SAM, base_optimizer=torch.optim.SGD, lr=LR)
+    )
+    x, y = _data().train_set.tensors
+    at_w = F.cross_entropy(copy.deepcopy(model.model)(x), y).item()
+    trainer = quiet_trainer(max_steps=1)
+    trainer.fit(model, _data())
+    assert trainer.callback_metrics["train/loss"].item() == pytest.approx(at_w, rel=1e-6)
