@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning as L
@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_eos.optim.sam import OptimizerFactory
+
 LossName = Literal["mse", "cross_entropy"]
-OptimizerFactory = Callable[[Iterable[Any]], Optimizer]
 SchedulerFactory = Callable[[Optimizer], Any]
 
 
