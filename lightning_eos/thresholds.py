@@ -44,6 +44,8 @@ __all__ = [
     "generalized_momentum_threshold",
     "heavy_ball_threshold",
     "ias_threshold",
+    "lssr_learning_rate",
+    "sgd_ias_threshold",
     "ema_update_threshold",
     "nesterov_threshold",
     "preconditioned_threshold",
@@ -191,6 +193,83 @@ def ias_threshold(lr: float, rho_b: float) -> float:
     """
     _check_lr(lr)
     return 2.0 * rho_b / lr
+
+
+def lssr_learning_rate(
+    batch_size: int,
+    reference_batch_size: int,
+    reference_lr: float,
+    rho: float,
+    n: int,
+    replacement: bool = False,
+) -> float:
+    """The Linear and Saturation Scaling Rule: the learning rate that keeps :math:`\\rho_b/\\eta`.
+
+    Paper 004, §5: SGD bounds the IAS by :math:`2\\rho_b/\\eta`, so batch sizes trained
+    with the same :math:`\\rho_b/\\eta` are regularized alike. With
+    :math:`\\rho_b = 1/(\\tfrac{\\gamma_{n,b}}{b}\\tfrac1\\rho + 1 - \\tfrac{\\gamma_{n,b}}{b})`
+    (eq. 17, :func:`lightning_eos.curvature.batch_concentration`),
+
+    .. math:: \\eta(b) = \\eta_{\\rm ref}\\,\\rho_b / \\rho_{b_{\\rm ref}},
+
+    linear in :math:`b` while :math:`b \\ll 1/\\rho` (the linear scaling rule) and
+    saturating once :math:`\\rho_b \\to 1`.
+
+    Args:
+        batch_size: the new batch size :math:`b`.
+        reference_batch_size: the batch size of a pair known to train well.
+        reference_lr: its learning rate.
+        rho: :math:`\\rho = \\operatorname{tr}(S_n)/\\operatorname{tr}(S_1)`, the
+            concentration of per-sample gradients (``eos/rho`` of the IAS monitor).
+        n: the training set size (batches are drawn from it).
+        replacement: batches drawn with replacement (:math:`\\gamma_{n,b} = 1`).
+
+    Example:
+        Paper 004, Fig. 5 (left): :math:`n = 8192`, :math:`\\rho = 2^{-7}`. From
+        :math:`(b, \\eta) = (128, 0.01)`, going to :math:`b = 1024` the linear rule says
+        :math:`\\eta = 0.08`; LSSR says :math:`\\rho_{1024}/\\rho_{128} = 0.902/0.506`:
+
+        >>> round(lssr_learning_rate(1024, 128, 0.01, rho=2**-7, n=8192), 4)
+        0.0178
+        >>> round(lssr_learning_rate(16, 128, 0.01, rho=2**-7, n=8192), 5)  # near-linear
+        0.00222
+    """
+    from lightning_eos.curvature.gradient_moments import batch_concentration
+
+    _check_lr(reference_lr)
+    scale = batch_concentration(rho, n, batch_size, replacement) / batch_concentration(
+        rho, n, reference_batch_size, replacement
+    )
+    return reference_lr * scale
+
+
+def sgd_ias_threshold(optimizer: Any, rho_b: float) -> float:
+    """The edge of the interaction-aware sharpness for a live SGD optimizer.
+
+    It is :math:`\\rho_b` times :func:`stability_threshold`.
+
+    Paper 004, eq. 16: plain SGD is unstable when :math:`\\lVert H\\rVert_{S_b} >
+    2\\rho_b/\\eta`. With momentum the factor :math:`\\gamma(\\beta_1,\\beta_2) =
+    (1+\\beta_1)/(1+2\\beta_2)` of Theorem 2 multiplies it (App. C.6 and Fig. 38 show it
+    for full-batch GD with heavy ball and Nesterov momentum; for small batches with
+    momentum it is this same extension, not a theorem of the paper). Weight decay is
+    refused: the noise moments are those of the loss, not of the decayed objective.
+
+    Example:
+        >>> p = [torch.nn.Parameter(torch.zeros(1))]
+        >>> sgd_ias_threshold(torch.optim.SGD(p, lr=0.5), rho_b=0.25)
+        1.0
+    """
+    optimizer = _unwrap(optimizer)
+    if type(optimizer) is torch.optim.SGD and any(
+        g.get("weight_decay", 0) for g in optimizer.param_groups
+    ):
+        raise UnsupportedOptimizerError(
+            "The IAS edge 2 rho_b / eta (paper 004) is known for SGD without weight decay."
+        )
+    if not 0 < rho_b <= 1 + 1e-12:
+        raise ValueError(f"rho_b={rho_b} must lie in (0, 1].")
+    return rho_b * stability_threshold(optimizer)
 
 
 def _sgd_threshold(group: dict[str, Any]) -> float:

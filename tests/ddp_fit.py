@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from lightning_eos.callbacks import PreconditionedSharpnessMonitor, SharpnessMonitor
+from lightning_eos.callbacks import IASMonitor, PreconditionedSharpnessMonitor, SharpnessMonitor
 from lightning_eos.data import DigitsDataModule
 from lightning_eos.optim import SAM
 
@@ -108,7 +108,7 @@ def main() -> None:
 
     L.seed_everything(0, verbose=False)
     scenario = args.scenario
-    full_batch = scenario in ("exact", "bn", "adam", "sam", "sam-replica")
+    full_batch = scenario in ("exact", "bn", "adam", "sam", "sam-replica", "ias")
     data = DigitsDataModule(
         num_train=200,
         num_val=50,
@@ -135,6 +135,19 @@ def main() -> None:
         threshold=None if scenario == "bn" else "auto",
         alignment=scenario == "sam",
     )
+    if scenario == "ias":  # b = 32 drawn from the 100 measured samples; sampled tr(HS_1)
+        monitor = IASMonitor(
+            every_n_steps=2,
+            batch_size=32,
+            population=100,
+            samples=12,
+            num_samples=100,
+            chunk_size=30,
+            per_sample_chunk=7,
+            tol=1e-8,
+            loss_change=True,
+            loss_change_samples=3,
+        )
     if scenario == "build-error":  # rank 1 gets a measurement loader it cannot use
         data.setup()
         loader = torch.utils.data.DataLoader(data.train_set, batch_size=30)
@@ -153,6 +166,7 @@ def main() -> None:
         strategy=args.strategy if args.devices > 1 else "auto",
         max_steps={
             "exact": 4,
+            "ias": 4,
             "adam": 4,
             "sam": 4,
             "sam-replica": 2,

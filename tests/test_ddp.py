@@ -85,6 +85,35 @@ def test_preconditioned_monitor_under_ddp_logs_the_single_process_values(tmp_pat
     _assert_same_logs(one, two)
 
 
+IAS_KEYS = (
+    "eos/sharpness",
+    "eos/threshold",
+    "eos/ias",
+    "eos/ias_threshold",
+    "eos/ias_instability",
+    "eos/ias_stderr",
+    "eos/rho_b",
+    "eos/trace_S_b",
+    "eos/trace_S_1",
+    "eos/trace_HS_b",
+    "eos/normalized_loss_change",
+    "eos/predicted_loss_change",
+)
+
+
+def test_ias_monitor_under_ddp_logs_the_single_process_values(tmp_path):
+    # per-sample gradients, the sampled tr(HS_1) and the sampled SGD steps are sharded
+    _fit(tmp_path / "one", "ias", devices=1)
+    _fit(tmp_path / "two", "ias", devices=2)
+    one, two = _logged(tmp_path / "one", IAS_KEYS), _logged(tmp_path / "two", IAS_KEYS)
+    assert sorted(two) == [0, 2, 4] and set(two[4]) == set(IAS_KEYS)
+    assert all(two[s]["eos/ias_stderr"] > 0 for s in two)  # the sampled estimator ran
+    for step in two:  # a loss change near 0 is compared absolutely
+        for key in ("eos/normalized_loss_change", "eos/predicted_loss_change"):
+            assert two[step].pop(key) == pytest.approx(one[step].pop(key), abs=1e-4)
+    _assert_same_logs(one, two, rel=1e-4)
+
+
 SAM_KEYS = (*KEYS, "eos/sam_edge", "eos/grad_norm", "eos/grad_alignment", "eos/sam_grad_alignment")
 
 

@@ -4,6 +4,8 @@ Monitors
     :class:`SharpnessMonitor` -- top Hessian eigenvalues and the optimizer's threshold.
     :class:`PreconditionedSharpnessMonitor` -- :math:`\\lambda_i(P^{-1}H)` of adaptive
     optimizers, their threshold, and the raw sharpness.
+    :class:`IASMonitor` -- the interaction-aware sharpness of SGD against
+    :math:`2\\rho_b/\\eta`, with the gradient-noise traces behind it.
 Interventions
     :class:`FreezePreconditioner` -- swap in frozen Adam at a given step.
 Precision
@@ -13,6 +15,7 @@ Figures
 """
 
 from lightning_eos.callbacks.freeze import FreezePreconditioner
+from lightning_eos.callbacks.ias import IASMonitor
 from lightning_eos.callbacks.plot import SharpnessPlot
 from lightning_eos.callbacks.preconditioned import PreconditionedSharpnessMonitor
 from lightning_eos.callbacks.sam_precision import SAMMixedPrecision
@@ -20,6 +23,7 @@ from lightning_eos.callbacks.sharpness import SharpnessMonitor
 
 __all__ = [
     "FreezePreconditioner",
+    "IASMonitor",
     "PreconditionedSharpnessMonitor",
     "SAMMixedPrecision",
     "SharpnessMonitor",

@@ -432,13 +432,16 @@ class SharpnessMonitor(Callback):
         rank-zero-only function.
         """
         results = self._spectra(trainer, pl_module)
-        if not results:
+        if results is None:
             return None
         metrics = {**self._metrics(trainer, results), **self._extras}
-        metrics["eos/lanczos_iters"] = float(sum(r.num_iterations for r in results.values()))
+        if results:
+            metrics["eos/lanczos_iters"] = float(sum(r.num_iterations for r in results.values()))
         return metrics
 
     def _metrics(self, trainer: Trainer, results: dict[str, LanczosResult]) -> dict[str, float]:
+        if "hessian" not in results:
+            return {}
         eigenvalues = results["hessian"].eigenvalues.tolist()
         metrics = {"eos/sharpness": eigenvalues[0]}
         metrics.update({f"eos/eig_{i}": v for i, v in enumerate(eigenvalues[1:], start=2)})

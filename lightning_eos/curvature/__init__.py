@@ -4,6 +4,10 @@ Hessian-vector products
     :class:`HessianOperator` -- mean loss over chunks, weighted by sample count.
     :class:`PreconditionedOperator` -- :math:`P^{-1/2}(H + s)P^{-1/2}` for a diagonal
     preconditioner.
+Gradient noise (paper 004)
+    :class:`GradientMoments`, :func:`interaction_aware_sharpness`, :class:`IASResult`,
+    :func:`expected_loss_change`, :func:`sampling_coefficient`,
+    :func:`batch_concentration`.
 Eigensolvers
     :func:`lanczos`, :class:`LanczosResult` -- top-k with warm start and residual stop.
 Measurement hygiene
@@ -14,6 +18,16 @@ Batches
 
 from lightning_eos.curvature._batches import batch_size, rechunk
 from lightning_eos.curvature.context import MeasurementMode, measurement_context, preserved_rng
+from lightning_eos.curvature.gradient_moments import (
+    BatchCoupledLossError,
+    GradientMoments,
+    IASResult,
+    batch_concentration,
+    expected_loss_change,
+    has_batchnorm,
+    interaction_aware_sharpness,
+    sampling_coefficient,
+)
 from lightning_eos.curvature.hessian import (
     HessianOperator,
     HVPMethod,
@@ -34,6 +48,15 @@ __all__ = [
     "PreconditionedOperator",
     "flatten",
     "unflatten",
+    # gradient noise
+    "BatchCoupledLossError",
+    "GradientMoments",
+    "IASResult",
+    "batch_concentration",
+    "expected_loss_change",
+    "has_batchnorm",
+    "interaction_aware_sharpness",
+    "sampling_coefficient",
     # eigensolvers
     "LanczosResult",
     "StopRule",

@@ -52,6 +52,51 @@ def slice_batch(batch: Any, start: int, stop: int) -> Any:
     return batch
 
 
+def index_batch(batch: Any, indices: Tensor) -> Any:
+    """The samples at ``indices`` (a 1-D index tensor, repeats allowed) of every tensor leaf.
+
+    >>> index_batch((torch.arange(5), "tag"), torch.tensor([3, 3, 0]))
+    (tensor([3, 3, 0]), 'tag')
+    """
+    if isinstance(batch, Tensor):
+        return batch[indices.to(batch.device)]
+    if isinstance(batch, Mapping):
+        return type(batch)({k: index_batch(v, indices) for k, v in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(index_batch(v, indices) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(index_batch(v, indices) for v in batch)
+    return batch
+
+
+def split_leaves(batch: Any) -> tuple[list[Tensor], Any]:
+    """The tensor leaves of ``batch`` and a function that rebuilds it from new leaves.
+
+    >>> leaves, rebuild = split_leaves({"x": torch.zeros(2), "tag": "a"})
+    >>> rebuild([torch.ones(2)])
+    {'x': tensor([1., 1.]), 'tag': 'a'}
+    """
+    leaves = _tensor_leaves(batch)
+
+    def rebuild(new: list[Tensor]) -> Any:
+        it = iter(new)
+
+        def build(node: Any) -> Any:
+            if isinstance(node, Tensor):
+                return next(it)
+            if isinstance(node, Mapping):
+                return type(node)({k: build(v) for k, v in node.items()})
+            if isinstance(node, tuple) and hasattr(node, "_fields"):
+                return type(node)(*(build(v) for v in node))
+            if isinstance(node, (list, tuple)):
+                return type(node)(build(v) for v in node)
+            return node
+
+        return build(batch)
+
+    return leaves, rebuild
+
+
 def concat_batches(batches: Sequence[Any]) -> Any:
     """Concatenate batches of the same structure along the sample axis."""
     first = batches[0]

@@ -183,6 +183,7 @@ class HessianOperator:
         if total <= 0:
             raise ValueError("The measurement set has no samples.")
         self.num_samples = int(total)
+        self.chunk_sizes = counts  # this process's chunks
         self.weights = [n / total for n in counts]
         self.num_matvecs = 0
         self._graphs: list[tuple[Tensor, list[Tensor]]] | None = None
