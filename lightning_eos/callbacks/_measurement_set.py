@@ -102,12 +102,21 @@ def training_step_sandbox(module: L.LightningModule) -> Iterator[None]:
     def _noop(*args: Any, **kwargs: Any) -> None:
         return None
 
-    metrics = _metric_states(module)
     module.log, module.log_dict = _noop, _noop  # type: ignore[method-assign]
+    try:
+        with metric_states_restored(module):
+            yield
+    finally:
+        del module.log, module.log_dict
+
+
+@contextmanager
+def metric_states_restored(module: torch.nn.Module) -> Iterator[None]:
+    """Put the states of every torchmetrics metric inside ``module`` back on exit."""
+    metrics = _metric_states(module)
     try:
         yield
     finally:
-        del module.log, module.log_dict
         for metric, state in metrics:
             for key, value in state.items():
                 setattr(metric, key, value)

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 from typing_extensions import override
 
-from lightning_eos.callbacks._measurement_set import LossFnType
+from lightning_eos.callbacks._measurement_set import LossFnType, metric_states_restored
 from lightning_eos.callbacks.sharpness import SharpnessMonitor
 from lightning_eos.curvature import (
     GradientMoments,
@@ -274,7 +274,10 @@ class IASMonitor(SharpnessMonitor):
         extras = super()._extra_metrics(trainer, pl_module, hessian, results)
         b, replacement, population = self._batch_sampling(trainer)
         moments = GradientMoments(
-            hessian, offsets=self._offsets(trainer, hessian), per_sample_chunk=self.per_sample_chunk
+            hessian,
+            offsets=self._offsets(trainer, hessian),
+            per_sample_chunk=self.per_sample_chunk,
+            isolate=lambda: metric_states_restored(pl_module),
         )
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + trainer.global_step)
         result = interaction_aware_sharpness(

@@ -57,8 +57,10 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -128,6 +130,9 @@ class GradientMoments:
         per_sample_chunk: samples whose gradients are materialized at once
             (memory: this many times the number of parameters).
         vectorize: use ``torch.func.vmap``; ``False`` runs one backward pass per sample.
+        isolate: a context manager factory around every ``vmap`` attempt that undoes
+            what a loss traced under ``vmap`` may leave behind when tracing fails (e.g.
+            a metric updated with batched tensors); default: nothing.
     """
 
     def __init__(
@@ -137,6 +142,7 @@ class GradientMoments:
         offsets: Sequence[int] | None = None,
         per_sample_chunk: int = 64,
         vectorize: bool = True,
+        isolate: Callable[[], AbstractContextManager[Any]] = nullcontext,
     ) -> None:
         if per_sample_chunk < 1:
             raise ValueError(f"per_sample_chunk={per_sample_chunk} must be positive.")
@@ -151,6 +157,7 @@ class GradientMoments:
         self.offsets = list(offsets)
         self.per_sample_chunk = per_sample_chunk
         self.vectorize = vectorize
+        self.isolate = isolate
         coupled = [
             type(m).__name__
             for m in hessian.model.modules()
@@ -178,7 +185,8 @@ class GradientMoments:
             seed_all(op.seed + index)
             if self.vectorize:
                 try:
-                    return self._vmapped(batch)
+                    with self.isolate():
+                        return self._vmapped(batch)
                 except Exception as err:  # noqa: BLE001 - any tracing failure falls back
                     warnings.warn(
                         f"Per-sample gradients by torch.func.vmap failed ({err}); using one "
