@@ -230,7 +230,13 @@ def test_batchnorm_in_train_mode_is_refused_and_eval_mode_works():
     x, y = tiny_data("mlp", "mse", n=N)
     op = HessianOperator(model, mse, [(x, y)])
     with pytest.raises(BatchCoupledLossError, match="BatchNorm1d in train mode"):
-        GradientMoments(op)
+        interaction_aware_sharpness(op, batch_size=2)
+    # full-batch GD needs no per-sample gradient: g^T H g / |g|^2 with batch statistics
+    gd = interaction_aware_sharpness(op, batch_size=N)
+    H = dense_hessian(model, mse, (x, y))
+    g = flatten(torch.autograd.grad(mse(model, (x, y)), list(model.parameters())))
+    assert gd.hs1_samples == 0 and gd.rho_b == 1.0 and gd.ias_stderr == 0.0
+    assert gd.ias == pytest.approx(float(g @ H @ g / (g @ g)), rel=1e-10)
     model.eval()
     G = _reference_gradients(model, mse, x, y)
     result = interaction_aware_sharpness(HessianOperator(model, mse, [(x, y)]), batch_size=2)

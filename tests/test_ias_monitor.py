@@ -182,10 +182,13 @@ def test_momentum_multiplies_the_edge_and_replacement_is_read_from_the_sampler(t
     assert last["eos/ias_stderr"] > 0
 
 
-def test_batchnorm_in_train_mode_is_refused_at_setup_and_eval_mode_measures(tmp_path):
+def test_batchnorm_in_train_mode_is_refused_for_sgd_and_eval_mode_measures(tmp_path):
     trainer = quiet_trainer(tmp_path, callbacks=[IASMonitor()], max_steps=1)
     with pytest.raises(ValueError, match="mode='eval'"):
         trainer.fit(Net(batchnorm=True), _digits())
+    gd = IASMonitor(every_n_steps=1)  # full batch: train-mode BatchNorm is fine
+    quiet_trainer(tmp_path, callbacks=[gd], max_steps=1).fit(Net(batchnorm=True), _digits(200))
+    assert gd.history[-1]["eos/rho_b"] == 1.0 and "eos/rho" not in gd.history[-1]
     monitor = IASMonitor(every_n_steps=1, mode="eval", samples=4)
     quiet_trainer(tmp_path, callbacks=[monitor], max_steps=1).fit(Net(batchnorm=True), _digits())
     assert len(monitor.history) == 2 and monitor.history[-1]["eos/ias"] > 0

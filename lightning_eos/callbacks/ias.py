@@ -97,9 +97,11 @@ class IASMonitor(SharpnessMonitor):
     subset, :math:`\\lVert\\bar g\\rVert^2` of the subset overestimates
     :math:`\\operatorname{tr}(S_n)` by about :math:`\\operatorname{tr}(C_1)/N`.
 
-    Per-sample gradients are undefined with BatchNorm in train mode, so such a model is
-    refused at setup; ``mode="eval"`` measures the eval-mode loss (running statistics)
-    instead. A loss that couples samples some other way raises
+    Full-batch GD needs only :math:`\\nabla L` and one product (no ``eos/rho`` or
+    ``eos/trace_S_1`` then). Minibatch SGD needs per-sample gradients, which are
+    undefined with BatchNorm in train mode, so such a model is refused when training
+    starts; ``mode="eval"`` measures the eval-mode loss (running statistics) instead.
+    A loss that couples samples some other way raises
     :class:`~lightning_eos.curvature.BatchCoupledLossError` at the first measurement.
 
     Args:
@@ -128,6 +130,7 @@ class IASMonitor(SharpnessMonitor):
     """
 
     _threshold_is_sam_edge = False
+    _needs_spectra = False  # sharpness=False: the IAS alone
 
     def __init__(
         self,
@@ -199,15 +202,18 @@ class IASMonitor(SharpnessMonitor):
     # --- validation -------------------------------------------------------------------
 
     @override
-    def setup(self, trainer: Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if self.mode == "train" and has_batchnorm(pl_module):
+    def on_train_start(self, trainer: Trainer, pl_module: L.LightningModule) -> None:
+        b, replacement, population = self._batch_sampling(trainer)
+        full_batch = b == population and not replacement
+        if self.mode == "train" and has_batchnorm(pl_module) and not full_batch:
             raise ValueError(
-                "IASMonitor needs per-sample gradients, which are undefined for BatchNorm in "
-                "train mode (each sample is normalized with its batch's statistics). Use "
-                "IASMonitor(mode='eval') to measure the eval-mode loss with running "
-                "statistics, or a model without BatchNorm."
+                "IASMonitor needs per-sample gradients for minibatch SGD, which are undefined "
+                "for BatchNorm in train mode (each sample is normalized with its batch's "
+                "statistics). Use IASMonitor(mode='eval') to measure the eval-mode loss with "
+                "running statistics, or a model without BatchNorm. (Full-batch GD needs no "
+                "per-sample gradient and is measured in train mode.)"
             )
+        super().on_train_start(trainer, pl_module)
 
     @override
     def _check_optimizer(self, trainer: Trainer) -> None:
@@ -295,13 +301,13 @@ class IASMonitor(SharpnessMonitor):
                 "eos/ias_instability": result.instability,
                 "eos/ias_stderr": result.ias_stderr,
                 "eos/rho_b": result.rho_b,
-                "eos/rho": result.rho,
                 "eos/trace_S_b": result.trace_S_b,
-                "eos/trace_S_1": result.trace_S_1,
                 "eos/trace_S_n": result.trace_S_n,
                 "eos/trace_HS_b": result.trace_HS_b,
             }
         )
+        if result.hs1_samples:  # full-batch GD does not look at per-sample gradients
+            extras.update({"eos/rho": result.rho, "eos/trace_S_1": result.trace_S_1})
         if self.threshold == "auto":
             edge = sgd_ias_threshold(trainer.optimizers[0], result.rho_b)
             extras["eos/ias_threshold"] = edge

@@ -130,6 +130,7 @@ class SharpnessMonitor(Callback):
     """
 
     _threshold_is_sam_edge = True  # under SAM, eos/threshold is the SAM-edge (on lambda_1(H))
+    _needs_spectra = True  # a measurement without any eigenvalue logs nothing
 
     def __init__(
         self,
@@ -432,8 +433,8 @@ class SharpnessMonitor(Callback):
         rank-zero-only function.
         """
         results = self._spectra(trainer, pl_module)
-        if results is None:
-            return None
+        if results is None or (not results and self._needs_spectra):
+            return None  # skipped, or nothing to measure yet (no preconditioner at step 0)
         metrics = {**self._metrics(trainer, results), **self._extras}
         if results:
             metrics["eos/lanczos_iters"] = float(sum(r.num_iterations for r in results.values()))

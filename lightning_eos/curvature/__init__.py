@@ -26,6 +26,7 @@ from lightning_eos.curvature.gradient_moments import (
     expected_loss_change,
     has_batchnorm,
     interaction_aware_sharpness,
+    loss_at,
     sampling_coefficient,
 )
 from lightning_eos.curvature.hessian import (
@@ -56,6 +57,7 @@ __all__ = [
     "expected_loss_change",
     "has_batchnorm",
     "interaction_aware_sharpness",
+    "loss_at",
     "sampling_coefficient",
     # eigensolvers
     "LanczosResult",

@@ -78,6 +78,7 @@ __all__ = [
     "expected_loss_change",
     "has_batchnorm",
     "interaction_aware_sharpness",
+    "loss_at",
     "sampling_coefficient",
 ]
 
@@ -158,18 +159,7 @@ class GradientMoments:
         self.per_sample_chunk = per_sample_chunk
         self.vectorize = vectorize
         self.isolate = isolate
-        coupled = [
-            type(m).__name__
-            for m in hessian.model.modules()
-            if isinstance(m, _BatchNorm) and m.training
-        ]
-        if coupled:
-            raise BatchCoupledLossError(
-                f"Per-sample gradients are undefined with {coupled[0]} in train mode: it "
-                "normalizes each sample with its batch's statistics. Measure in eval mode "
-                "(running statistics; IASMonitor(mode='eval')), or use a model without "
-                "BatchNorm."
-            )
+        self._checked = False
 
     @property
     def num_samples(self) -> int:
@@ -231,8 +221,26 @@ class GradientMoments:
             )
         return torch.stack(rows)
 
+    def _check_per_sample(self) -> None:
+        if self._checked:
+            return
+        coupled = [
+            type(m).__name__
+            for m in self.hessian.model.modules()
+            if isinstance(m, _BatchNorm) and m.training
+        ]
+        if coupled:
+            raise BatchCoupledLossError(
+                f"Per-sample gradients are undefined with {coupled[0]} in train mode: it "
+                "normalizes each sample with its batch's statistics. Measure in eval mode "
+                "(running statistics; IASMonitor(mode='eval')), or use a model without "
+                "BatchNorm."
+            )
+        self._checked = True
+
     def _blocks(self, index: int, positions: Tensor | None = None) -> Iterator[Tensor]:
         """Per-sample gradient blocks of local chunk ``index`` (at ``positions``, repeats ok)."""
+        self._check_per_sample()
         chunk = self.hessian._prepare(self.hessian.chunks[index])
         if positions is None:
             positions = torch.arange(self.counts[index])
@@ -299,27 +307,28 @@ class GradientMoments:
 
         return op._reduced(local_sum, op.dim, torch.float64).to(op.dtype)
 
-    def loss_at(self, shift: Tensor) -> float:
-        """:math:`L(\\theta + \\text{shift})`; the parameters are restored bit for bit."""
-        op = self.hessian
-        saved = [p.detach().clone() for p in op.params]
+
+def loss_at(hessian: HessianOperator, shift: Tensor) -> float:
+    """:math:`L(\\theta + \\text{shift})` on the operator's set; parameters restored bit for bit."""
+    op = hessian
+    saved = [p.detach().clone() for p in op.params]
+    with torch.no_grad():
+        for p, s in zip(op.params, unflatten(shift.to(op.dtype), op.params)):
+            p.add_(s)
+
+    def local_sum() -> Tensor:
+        total = torch.zeros(1, dtype=torch.float64, device=op.device)
         with torch.no_grad():
-            for p, s in zip(op.params, unflatten(shift.to(op.dtype), op.params)):
-                p.add_(s)
+            for i, weight in enumerate(op.weights):
+                total += weight * op._chunk_loss(i).double()
+        return total
 
-        def local_sum() -> Tensor:
-            total = torch.zeros(1, dtype=torch.float64, device=op.device)
-            with torch.no_grad():
-                for i, weight in enumerate(op.weights):
-                    total += weight * op._chunk_loss(i).double()
-            return total
-
-        try:
-            return float(op._reduced(local_sum, 1, torch.float64))
-        finally:
-            with torch.no_grad():
-                for p, value in zip(op.params, saved):
-                    p.copy_(value)
+    try:
+        return float(op._reduced(local_sum, 1, torch.float64))
+    finally:
+        with torch.no_grad():
+            for p, value in zip(op.params, saved):
+                p.copy_(value)
 
 
 @dataclass(frozen=True)
@@ -329,7 +338,9 @@ class IASResult:
     ``trace_HS_1`` is exact when ``hs1_samples == num_samples``, otherwise the mean over a
     sample of ``hs1_samples`` per-sample gradients, with standard error
     ``trace_HS_1_stderr``. :meth:`at_batch_size` re-evaluates everything for another
-    batch size at no cost: only :math:`\\gamma/b` changes.
+    batch size at no cost: only :math:`\\gamma/b` changes. A full-batch GD measurement
+    (:math:`\\gamma_{n,n} = 0`) needs no per-sample gradient and leaves the per-sample
+    end NaN (``hs1_samples == 0``).
     """
 
     num_samples: int  # N, the measurement set
@@ -356,13 +367,11 @@ class IASResult:
 
     @property
     def trace_S_b(self) -> float:
-        w = self.batch_weight
-        return w * self.trace_S_1 + (1 - w) * self.trace_S_n
+        return _between(self.batch_weight, self.trace_S_1, self.trace_S_n)
 
     @property
     def trace_HS_b(self) -> float:
-        w = self.batch_weight
-        return w * self.trace_HS_1 + (1 - w) * self.trace_HS_n
+        return _between(self.batch_weight, self.trace_HS_1, self.trace_HS_n)
 
     @property
     def rho_b(self) -> float:
@@ -377,7 +386,8 @@ class IASResult:
     @property
     def ias_stderr(self) -> float:
         """Standard error of :attr:`ias` from the sampled :math:`\\operatorname{tr}(HS_1)`."""
-        return self.batch_weight * self.trace_HS_1_stderr / self.trace_S_b
+        w = self.batch_weight
+        return 0.0 if w == 0 else w * self.trace_HS_1_stderr / self.trace_S_b
 
     @property
     def instability(self) -> float:
@@ -399,6 +409,11 @@ class IASResult:
         """The same measurement read for batches of ``batch_size``."""
         sampling_coefficient(self.population, batch_size, self.replacement)  # validates
         return replace(self, batch_size=batch_size)
+
+
+def _between(weight: float, per_sample: float, full_batch: float) -> float:
+    """:math:`w\\,a + (1-w)\\,b`, exactly the full-batch end when :math:`w = 0` (GD)."""
+    return full_batch if weight == 0 else weight * per_sample + (1 - weight) * full_batch
 
 
 def _quadratic_forms(hessian: HessianOperator, rows: Tensor) -> list[float]:
@@ -434,9 +449,24 @@ def interaction_aware_sharpness(
     moments = moments or GradientMoments(hessian)
     n_set = hessian.num_samples
     population = population or n_set
-    sampling_coefficient(population, batch_size, replacement)  # validates b against n
-    trace_S_1, mean_gradient = moments.second_moment()
     gradient = hessian.gradient()
+    trace_S_n = float(gradient.double() @ gradient.double())
+    trace_HS_n = _quadratic_forms(hessian, gradient[None])[0]
+    result = IASResult(
+        num_samples=n_set,
+        population=population,
+        batch_size=batch_size,
+        replacement=replacement,
+        trace_S_1=math.nan,
+        trace_S_n=trace_S_n,
+        trace_HS_1=math.nan,
+        trace_HS_1_stderr=math.nan,
+        trace_HS_n=trace_HS_n,
+        hs1_samples=0,
+    )
+    if result.batch_weight == 0:  # full-batch GD: S_b = S_n, no per-sample gradient needed
+        return result
+    trace_S_1, mean_gradient = moments.second_moment()
     mismatch = float((mean_gradient - gradient).double().norm())
     if mismatch > 1e-3 * math.sqrt(trace_S_1) + 1e-6 * float(gradient.double().norm()):
         raise BatchCoupledLossError(
@@ -445,8 +475,6 @@ def interaction_aware_sharpness(
             "the loss couples the samples of a batch (BatchNorm in train mode, a loss that "
             "is not a mean over samples, randomness in forward)."
         )
-    trace_S_n = float(gradient.double() @ gradient.double())
-    trace_HS_n = _quadratic_forms(hessian, gradient[None])[0]
     if samples is None or samples >= n_set:
         chosen = torch.arange(n_set)
     else:
@@ -462,16 +490,11 @@ def interaction_aware_sharpness(
     stderr = 0.0
     if k < n_set:  # simple random sample without replacement: finite-population correction
         stderr = float(x.std() / math.sqrt(k) * math.sqrt((n_set - k) / (n_set - 1)))
-    return IASResult(
-        num_samples=n_set,
-        population=population,
-        batch_size=batch_size,
-        replacement=replacement,
+    return replace(
+        result,
         trace_S_1=trace_S_1,
-        trace_S_n=trace_S_n,
         trace_HS_1=float(x.mean()),
         trace_HS_1_stderr=stderr,
-        trace_HS_n=trace_HS_n,
         hs1_samples=k,
     )
 
@@ -499,14 +522,14 @@ def expected_loss_change(
     sampling_coefficient(n, batch_size, replacement)
     start = hessian.loss()
     if batch_size == n and not replacement:
-        return moments.loss_at(-lr * hessian.gradient()) - start, 0.0
+        return loss_at(hessian, -lr * hessian.gradient()) - start, 0.0
     changes = []
     for _ in range(samples):
         if replacement:
             batch = torch.randint(n, (batch_size,), generator=generator)
         else:
             batch = torch.randperm(n, generator=generator)[:batch_size]
-        changes.append(moments.loss_at(-lr * moments.minibatch_gradient(batch)) - start)
+        changes.append(loss_at(hessian, -lr * moments.minibatch_gradient(batch)) - start)
     x = torch.tensor(changes, dtype=torch.float64)
     stderr = float(x.std() / math.sqrt(len(changes))) if len(changes) > 1 else float("nan")
     return float(x.mean()), stderr
