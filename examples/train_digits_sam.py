@@ -10,6 +10,7 @@ from functools import partial
 
 import lightning as L
 import torch
+import wandb
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_eos.callbacks import SharpnessMonitor, SharpnessPlot
@@ -40,6 +41,7 @@ def train(lr: float, rho: float, max_steps: int, every: int, out: str) -> list[d
         enable_checkpointing=False,
     )
     trainer.fit(model, DigitsDataModule())
+    wandb.finish()  # the next run gets its own W&B run
     return monitor.history
 
 

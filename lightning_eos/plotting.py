@@ -69,9 +69,69 @@ def plot_sharpness(
             fig.suptitle(title)
     else:
         fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-        _draw(ax, raw, "eos/", "", "eos/threshold")
+        ias = [h for h in history if "eos/ias" in h]
+        if ias:  # paper 004, Fig. 4 (a)-(b): the IAS at its edge, lambda_1 above 2/eta
+            steps = [h["step"] for h in ias]
+            ax.plot(steps, [h["eos/ias"] for h in ias], color="C3", label="IAS $\\|H\\|_{S_b}$")
+            if any("eos/ias_threshold" in h for h in ias):
+                ax.plot(
+                    steps,
+                    [h.get("eos/ias_threshold") for h in ias],
+                    "--",
+                    color="C3",
+                    label="$2\\rho_b/\\eta$",
+                )
+        if raw:
+            _draw(ax, raw, "eos/", "", "eos/threshold")
+        ax.legend(loc="lower right")
+        ax.set_xlabel("step")
         ax.set_ylabel("sharpness")
         ax.set_title(title or "sharpness and its stability threshold")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_ias(
+    runs: dict[str, Sequence[dict[str, float]]], path: str | Path, lr: float | None = None
+) -> Path:
+    """Paper 004, Fig. 4 (c)-(d): the IAS of several runs, raw and divided by :math:`\\rho_b`.
+
+    Left: :math:`\\lVert H\\rVert_{S_b}` of each run (solid) with its edge
+    :math:`2\\rho_b/\\eta` (dashed, same colour). Right: :math:`\\lVert H\\rVert_{S_b}/\\rho_b`,
+    which meets the common line :math:`2/\\eta` (``lr``) at the edge of stability.
+
+    Args:
+        runs: the IAS monitors' histories, by label (e.g. ``"b=64"``).
+        path: the image file to write.
+        lr: the learning rate shared by the runs, for the :math:`2/\\eta` line.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    for i, (label, history) in enumerate(runs.items()):
+        rows = [h for h in history if "eos/ias" in h]
+        steps = [h["step"] for h in rows]
+        color = f"C{i}"
+        left.plot(steps, [h["eos/ias"] for h in rows], color=color, lw=1, label=label)
+        if any("eos/ias_threshold" in h for h in rows):
+            left.plot(steps, [h.get("eos/ias_threshold") for h in rows], "--", color=color, lw=1)
+        right.plot(
+            steps, [h["eos/ias"] / h["eos/rho_b"] for h in rows], color=color, lw=1, label=label
+        )
+    if lr is not None:
+        right.axhline(2 / lr, color="k", ls="--", label="$2/\\eta$")
+    left.set_title("IAS $\\|H\\|_{S_b}$ and $2\\rho_b/\\eta$ (dashed)")
+    right.set_title("$\\|H\\|_{S_b}/\\rho_b$ against $2/\\eta$")
+    for ax in (left, right):
+        ax.set_xlabel("step")
+        ax.legend(loc="lower right")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

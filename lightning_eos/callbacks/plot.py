@@ -20,8 +20,9 @@ if TYPE_CHECKING:
 class SharpnessPlot(Callback):
     """At the end of fit, plot every sharpness monitor's history and summarize it.
 
-    Works for :class:`SharpnessMonitor` and its subclass
-    :class:`~lightning_eos.callbacks.PreconditionedSharpnessMonitor` (two panels).
+    Works for :class:`SharpnessMonitor` and its subclasses
+    :class:`~lightning_eos.callbacks.PreconditionedSharpnessMonitor` (two panels) and
+    :class:`~lightning_eos.callbacks.IASMonitor` (the IAS and its edge in red).
 
     Args:
         filename: image name, written into ``dirpath``.
@@ -49,6 +50,7 @@ class SharpnessPlot(Callback):
             for key, label in (
                 ("eos/sharpness_ratio", "lambda_1"),
                 ("eos/preconditioned_sharpness_ratio", "lambda_1(P^-1 H)"),
+                ("eos/ias_ratio", "IAS"),
             ):
                 if any(key in h for h in monitor.history):
                     s = edge_summary(monitor.history, self.tail, key)
