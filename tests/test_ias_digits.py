@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lightning_eos.callbacks import IASMonitor
 from lightning_eos.cli import build_cli
@@ -23,7 +24,8 @@ def _offline(monkeypatch, tmp_path):
 
 def _history(config: str, *overrides: str) -> dict[int, dict]:
     # no loggers: a W&B run here would pin wandb's process-wide settings for later tests
-    args = ["fit", "--config", str(ROOT / "configs" / config), *overrides, "--trainer.logger=false"]
+    path = ROOT / "configs" / config
+    args = ["fit", "--config", str(path), *overrides, "--trainer.logger=false"]
     cli = build_cli(args)
     (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, IASMonitor)]
     return {h["step"]: h for h in monitor.history}
@@ -46,27 +48,21 @@ def test_gd_lambda_1_hovers_above_2_over_eta_while_the_ias_oscillates_around_it(
     assert any(h["eos/ias"] > edge for h in late) and any(h["eos/ias"] < edge for h in late)
 
 
-def test_sgd_ias_meets_its_edge_far_below_2_over_eta_and_stays_under_it_on_average():
-    history = _history(
-        "ias_digits_sgd.yaml",
-        "--trainer.max_steps=300",
-        "--trainer.callbacks.init_args.every_n_steps=20",
-        "--trainer.callbacks.init_args.samples=16",
-    )
-    late = [history[s] for s in range(160, 301, 20)]
+def test_sgd_ias_rises_to_its_own_edge_far_below_2_over_eta_and_is_held_there():
+    config = yaml.safe_load((ROOT / "configs" / "ias_digits_sgd.yaml").read_text())
+    (monitor,) = [c for c in config["trainer"]["callbacks"] if "IASMonitor" in c["class_path"]]
+    monitor["init_args"].update(every_n_steps=20, samples=16)  # cheaper than the config
+    Path("sgd.yaml").write_text(yaml.safe_dump(config))
+    history = _history(str(Path("sgd.yaml").resolve()), "--trainer.max_steps=300")
     lr = 0.5
+    late = [history[s] for s in range(160, 301, 20)]
     edges = [h["eos/ias_threshold"] for h in late]
     assert max(edges) < 0.5 * (2 / lr)  # rho_b ~ 0.1: the SGD edge is far below 2/eta
     assert all(h["eos/sharpness"] < 2 / lr for h in late)
-    # the IAS has risen to its edge (it starts ~0.1 of it) ...
+    assert history[0]["eos/ias_ratio"] < 0.2  # it starts far below its edge ...
+    # ... and is held at it (IIR); the full run measures 0.97-1.05 (README)
     ratio_of_means = sum(h["eos/ias"] for h in late) / sum(edges)
-    assert ratio_of_means > 0.6, ratio_of_means
-    assert history[0]["eos/ias_ratio"] < 0.2
-    # ... and in the time average the expected loss change of eq. (7) is not positive
-    instability = sum(h["eos/trace_HS_b"] for h in late) / sum(
-        2 / lr * h["eos/trace_S_n"] for h in late
-    )
-    assert instability < 1.0, instability
+    assert 0.7 < ratio_of_means < 1.2, ratio_of_means
 
 
 def test_example_runs_gd_and_two_batch_sizes(tmp_path):
@@ -77,3 +73,16 @@ def test_example_runs_gd_and_two_batch_sizes(tmp_path):
     assert "full-batch GD" in out and "SGD, b 64" in out and "SGD, b 256" in out
     assert "mean tr(HS_b) / mean (2/eta) tr(S_n)" in out
     assert (tmp_path / "ias_gd.png").exists() and (tmp_path / "ias_sgd.png").exists()
+
+
+def test_lssr_example_sweeps_and_draws_the_curves(tmp_path):
+    script = ROOT / "examples" / "lssr_digits.py"
+    args = ["--epochs", "1", "--batch-sizes", "32", "512", "--lrs", "0.1", "1.0"]
+    done = subprocess.run(
+        [sys.executable, str(script), *args, "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
+    out = done.stdout.decode()
+    assert "rho = tr(S_n)/tr(S_1)" in out and "b, best lr, LSSR lr, LSR lr:" in out
+    assert (tmp_path / "lssr.png").exists()
