@@ -11,6 +11,12 @@ D. non-perturbation: parameters and Adam state, bit for bit, with and without mo
 E. cost: one cold and one warm measurement of the 95k-parameter digits FCN, full batch.
 F. SAM under 16-mixed (SAMMixedPrecision, CUDA GradScaler) and bf16-mixed against eq. (1)
    written by hand under the same autocast; an inf on the perturbed pass skips the step.
+G. IASMonitor (b = 32 of n = 200, exact tr(HS_1)) in fp32 and bf16-mixed: the logged IAS,
+   rho_b and tr(S_b) against float64 per-sample gradients and a dense Hessian on the CPU.
+H. cost of one IAS measurement (b = 64, 64 sampled per-sample gradients) of the 95k FCN on
+   the 1500 digits, next to one cold lambda_1 measurement.
+
+python benchmarks/gpu_check.py --only G H      runs a subset
 """
 
 from __future__ import annotations
@@ -28,8 +34,16 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lightning_eos.callbacks import PreconditionedSharpnessMonitor, SharpnessMonitor  # noqa: E402
-from lightning_eos.curvature import HessianOperator, lanczos  # noqa: E402
+from lightning_eos.callbacks import (  # noqa: E402
+    IASMonitor,
+    PreconditionedSharpnessMonitor,
+    SharpnessMonitor,
+)
+from lightning_eos.curvature import (  # noqa: E402
+    HessianOperator,
+    interaction_aware_sharpness,
+    lanczos,
+)
 from lightning_eos.data import DigitsDataModule  # noqa: E402
 from lightning_eos.models import FCN  # noqa: E402
 from lightning_eos.optim import read_preconditioner  # noqa: E402
@@ -270,9 +284,116 @@ def check_sam():
     return report
 
 
+def _ias_reference(model, x, y, b):
+    """IAS, rho_b, tr(S_b) from float64 per-sample gradients and the dense Hessian (CPU)."""
+    net = model.net.cpu().double()
+    x = x.double()
+    params = list(net.parameters())
+    names = [k for k, _ in net.named_parameters()]
+    rows = [
+        torch.cat(
+            [
+                g.reshape(-1)
+                for g in torch.autograd.grad(
+                    F.cross_entropy(net(x[i : i + 1]), y[i : i + 1]), params
+                )
+            ]
+        )
+        for i in range(len(x))
+    ]
+    G = torch.stack(rows)
+
+    def loss_of(flat):
+        values = {
+            k: c.view_as(p)
+            for k, c, p in zip(names, flat.split([p.numel() for p in params]), params)
+        }
+        return F.cross_entropy(torch.func.functional_call(net, values, (x,)), y)
+
+    H = torch.autograd.functional.hessian(
+        loss_of, torch.cat([p.detach().reshape(-1) for p in params])
+    )
+    g, n = G.mean(0), len(x)
+    w = (n - b) / (n - 1) / b
+    trace_S_b = w * float((G * G).sum(1).mean()) + (1 - w) * float(g @ g)
+    trace_HS_b = w * float(torch.einsum("ij,jk,ik->i", G, H, G).mean()) + (1 - w) * float(g @ H @ g)
+    return {
+        "eos/ias": trace_HS_b / trace_S_b,
+        "eos/rho_b": float(g @ g) / trace_S_b,
+        "eos/trace_S_b": trace_S_b,
+    }
+
+
+def check_ias():
+    report = {}
+    for precision in ("32-true", "bf16-mixed"):
+        L.seed_everything(0, verbose=False)
+        model = Net(optimizer="sgd")
+        monitor = IASMonitor(every_n_steps=5, samples=None, tol=1e-8)
+        data = DigitsDataModule(
+            num_train=200, num_val=50, batch_size=32, target="label", shuffle=True
+        )
+        trainer = L.Trainer(
+            accelerator="gpu" if DEVICE == "cuda" else "cpu",
+            devices=1,
+            precision=precision,
+            max_steps=10,
+            logger=False,
+            callbacks=[monitor],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(model, data)
+        x, y = data.train_set.tensors
+        ref = _ias_reference(model, x, y, b=32)
+        last = monitor.history[-1]
+        report[precision] = {k: _rel([last[k]], [v]) for k, v in ref.items()}
+    return report
+
+
+def check_ias_cost():
+    data = DigitsDataModule(target="onehot")
+    data.setup()
+    x, y = (t.to(DEVICE) for t in data.train_set.tensors)
+    torch.manual_seed(0)
+    model = FCN(width=200, depth=3, activation="tanh").to(DEVICE)
+
+    def mse(m, batch):
+        return F.mse_loss(m(batch[0]), batch[1])
+
+    def sync():
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+
+    report = {}
+    for attempt in ("cold", "repeat"):
+        op = HessianOperator(model, mse, [(x, y)])
+        sync()
+        start = time.perf_counter()
+        result = interaction_aware_sharpness(
+            op, 64, samples=64, generator=torch.Generator().manual_seed(0)
+        )
+        sync()
+        ias_ms = 1e3 * (time.perf_counter() - start)
+        op = HessianOperator(model, mse, [(x, y)])
+        sync()
+        start = time.perf_counter()
+        lanczos(op, 1, tol=1e-3)
+        sync()
+        report[attempt] = {
+            "ias_ms": ias_ms,
+            "lanczos_cold_ms": 1e3 * (time.perf_counter() - start),
+            "ias": result.ias,
+            "ias_stderr": result.ias_stderr,
+        }
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "outputs/gpu_check"))
+    parser.add_argument("--only", nargs="*", default=None, help="check letters, e.g. G H")
     args = parser.parse_args()
     report = {
         "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
@@ -286,7 +407,11 @@ def main() -> None:
         ("D_non_perturbation", check_non_perturbation),
         ("E_cost_95k_fcn", check_cost),
         ("F_sam_mixed_precision", check_sam),
+        ("G_ias_exact", check_ias),
+        ("H_ias_cost_95k_fcn", check_ias_cost),
     ):
+        if args.only and name[0] not in args.only:
+            continue
         try:
             report[name] = check()
         except Exception as err:  # noqa: BLE001 - report every check, whatever fails
