@@ -173,7 +173,7 @@ def test_the_standard_error_is_honest_and_shrinks_as_one_over_sqrt_k():
         spreads[k] = float(((estimates - exact) ** 2).mean().sqrt())  # unbiased: spread about truth
         reported[k] = float(torch.tensor(errors).pow(2).mean().sqrt())
         assert spreads[k] == pytest.approx(reported[k], rel=0.3)
-    fpc = {k: math.sqrt((n - k) / (n - 1)) for k in spreads}
+    fpc = {k: math.sqrt(1 - k / n) for k in spreads}  # sampling without replacement
     for small, large in ((6, 24), (24, 96)):  # 4x the samples: half the error (times the fpc)
         expected = 2.0 * fpc[small] / fpc[large]
         assert reported[small] / reported[large] == pytest.approx(expected, rel=0.25)
@@ -261,3 +261,35 @@ def test_wrong_batch_sizes_are_refused(tiny_case):
         interaction_aware_sharpness(op, batch_size=N + 1)
     with pytest.raises(ValueError, match="rho"):
         batch_concentration(0.0, 10, 2)
+
+
+def test_the_loss_change_leaves_the_operator_usable(tiny_case):
+    # one chunk: the operator caches its first-order graph; the shifted losses must not
+    # write to the parameters it was built from
+    model, x, y, G, H = tiny_case
+    op = HessianOperator(model, mse, [(x, y)])
+    first = interaction_aware_sharpness(op, batch_size=3)
+    before = flatten(list(model.parameters())).detach().clone()
+    change, _ = expected_loss_change(op, 0.1, 3, samples=4, generator=torch.Generator())
+    again = interaction_aware_sharpness(op, batch_size=3)
+    assert again.ias == first.ias and torch.equal(flatten(list(model.parameters())), before)
+    # and one SGD step from the first 3 samples, written out by hand
+    names = [n for n, _ in model.named_parameters()]
+    params = list(model.parameters())
+    from lightning_eos.curvature import loss_at, unflatten
+
+    step = -0.1 * G[:3].mean(0)
+    values = dict(zip(names, unflatten(before + step, params)))
+    expected = float(F.mse_loss(torch.func.functional_call(model, values, (x,)), y))
+    assert loss_at(op, step) == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_zero_gradient_is_a_skipped_measurement_not_a_crash():
+    from lightning_eos.curvature import NonFiniteCurvatureError
+
+    model = nn.Linear(2, 1, bias=False).double()
+    nn.init.zeros_(model.weight)
+    x = torch.randn(6, 2, dtype=torch.float64)
+    op = HessianOperator(model, mse, [(x, torch.zeros(6, 1, dtype=torch.float64))])
+    with pytest.raises(NonFiniteCurvatureError, match="gradient is zero"):
+        interaction_aware_sharpness(op, batch_size=2)

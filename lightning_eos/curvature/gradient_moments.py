@@ -22,9 +22,10 @@ therefore linear between its two ends:
 
 where :math:`\\operatorname{tr}(HS_1) = \\tfrac1N\\sum_i g_i^\\top H g_i` costs one
 Hessian-vector product per sample: it is computed exactly, or estimated from a seeded
-sample of :math:`k` per-sample gradients (without replacement, with the finite-population
-standard error). The interaction-aware sharpness (IAS, Definition 1) and the concentration
-of the batch gradient (Definition 2, eq. 17) are
+sample of :math:`k` per-sample gradients (without replacement; standard error
+:math:`s/\\sqrt{k}\\,\\sqrt{1-k/N}` with :math:`s` the sample standard deviation).
+The interaction-aware sharpness (IAS, Definition 1) and the concentration of the batch
+gradient (Definition 2, eq. 17) are
 
 .. math::
 
@@ -68,7 +69,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from lightning_eos.curvature._batches import index_batch, slice_batch, split_leaves
 from lightning_eos.curvature.context import preserved_rng, seed_all
-from lightning_eos.curvature.hessian import HessianOperator, _LossModule, flatten, unflatten
+from lightning_eos.curvature.hessian import (
+    HessianOperator,
+    NonFiniteCurvatureError,
+    _LossModule,
+    flatten,
+    unflatten,
+)
 
 __all__ = [
     "BatchCoupledLossError",
@@ -309,26 +316,33 @@ class GradientMoments:
 
 
 def loss_at(hessian: HessianOperator, shift: Tensor) -> float:
-    """:math:`L(\\theta + \\text{shift})` on the operator's set; parameters restored bit for bit."""
+    """:math:`L(\\theta + \\text{shift})` on the operator's set.
+
+    Evaluated with ``torch.func.functional_call`` on shifted copies, so the parameters are
+    never written to (a graph the operator cached stays valid).
+    """
     op = hessian
-    saved = [p.detach().clone() for p in op.params]
-    with torch.no_grad():
-        for p, s in zip(op.params, unflatten(shift.to(op.dtype), op.params)):
-            p.add_(s)
+    wrapper = _LossModule(op.model, op.loss_fn)
+    names = {id(p): n for n, p in wrapper.named_parameters()}
+    shifted = {
+        names[id(p)]: p.detach() + s
+        for p, s in zip(op.params, unflatten(shift.to(op.dtype), op.params))
+    }
 
     def local_sum() -> Tensor:
         total = torch.zeros(1, dtype=torch.float64, device=op.device)
         with torch.no_grad():
             for i, weight in enumerate(op.weights):
-                total += weight * op._chunk_loss(i).double()
+                chunk = op._prepare(op.chunks[i])
+                with preserved_rng(op.model), op._no_autocast():
+                    seed_all(op.seed + i)
+                    loss = torch.func.functional_call(wrapper, shifted, (chunk,), strict=False)
+                if not torch.isfinite(loss):
+                    raise NonFiniteCurvatureError(f"The loss after the step is {loss.item()}.")
+                total += weight * loss.double()
         return total
 
-    try:
-        return float(op._reduced(local_sum, 1, torch.float64))
-    finally:
-        with torch.no_grad():
-            for p, value in zip(op.params, saved):
-                p.copy_(value)
+    return float(op._reduced(local_sum, 1, torch.float64))
 
 
 @dataclass(frozen=True)
@@ -451,6 +465,8 @@ def interaction_aware_sharpness(
     population = population or n_set
     gradient = hessian.gradient()
     trace_S_n = float(gradient.double() @ gradient.double())
+    if trace_S_n == 0:  # a stationary point: the IAS and rho_b are 0/0
+        raise NonFiniteCurvatureError("The gradient is zero: the IAS and rho_b are undefined.")
     trace_HS_n = _quadratic_forms(hessian, gradient[None])[0]
     result = IASResult(
         num_samples=n_set,
@@ -488,8 +504,8 @@ def interaction_aware_sharpness(
     x = torch.tensor(values, dtype=torch.float64)
     k = len(values)
     stderr = 0.0
-    if k < n_set:  # simple random sample without replacement: finite-population correction
-        stderr = float(x.std() / math.sqrt(k) * math.sqrt((n_set - k) / (n_set - 1)))
+    if k < n_set:  # simple random sample without replacement: s/sqrt(k) * sqrt(1 - k/N)
+        stderr = float(x.std() / math.sqrt(k) * math.sqrt(1 - k / n_set))
     return replace(
         result,
         trace_S_1=trace_S_1,
