@@ -189,7 +189,7 @@ def sam_edge(lr: float, rho: float, grad_norm: float) -> float:
 def ias_threshold(lr: float, rho_b: float) -> float:
     """Edge of the interaction-aware sharpness for SGD at batch size b: :math:`2\\rho_b/\\eta`.
 
-    Paper 004, eq. 17.
+    Paper 004, eq. 16 (:math:`\\rho_b` from eq. 17).
     """
     _check_lr(lr)
     return 2.0 * rho_b / lr

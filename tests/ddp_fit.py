@@ -32,6 +32,7 @@ class Net(L.LightningModule):
         adam: bool = False,
         sam: bool = False,
         per_replica: bool = False,
+        momentum: float = 0.9,
     ):
         super().__init__()
         norm = nn.BatchNorm1d(16) if batchnorm else nn.Identity()
@@ -39,6 +40,7 @@ class Net(L.LightningModule):
             nn.Linear(64, 16), norm, nn.Tanh(), nn.Dropout(dropout), nn.Linear(16, 10)
         )
         self.lr, self.adam, self.sam, self.per_replica = lr, adam, sam, per_replica
+        self.momentum = momentum
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -57,7 +59,7 @@ class Net(L.LightningModule):
             )
         if self.adam:
             return torch.optim.Adam(self.parameters(), lr=1e-2)
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
 class ScrambleOtherRanks(Callback):
@@ -123,6 +125,7 @@ def main() -> None:
         adam=scenario == "adam",
         sam=scenario.startswith("sam"),
         per_replica=scenario == "sam-replica",
+        momentum=0.0 if scenario == "ias" else 0.9,  # the loss change takes plain SGD steps
     )
     monitor_type = PreconditionedSharpnessMonitor if scenario == "adam" else SharpnessMonitor
     monitor = monitor_type(
@@ -153,6 +156,10 @@ def main() -> None:
         loader = torch.utils.data.DataLoader(data.train_set, batch_size=30)
         monitor.dataloader = {"a": loader} if os.environ.get("LOCAL_RANK", "0") == "1" else loader
     callbacks = [] if args.no_monitor else [monitor]
+    # b, replacement and n read from the (distributed) loader: 100 per rank x 2 = n = 200
+    read_b = IASMonitor(every_n_steps=3, measure_at_start=False, sharpness=False)
+    if scenario == "ias":
+        callbacks.append(read_b)
     probe = WarmStartProbe(monitor, at_step=4)
     if scenario.startswith("resume"):
         callbacks = [ScrambleOtherRanks(monitor), *callbacks, probe]
@@ -190,6 +197,7 @@ def main() -> None:
     torch.save(
         {
             "history": monitor.history,
+            "read_b": (read_b._sampling, read_b.history),
             "probe": probe.seen,
             "params": {k: v.clone() for k, v in model.state_dict().items()},
             "grads": [p.grad.clone() for p in model.parameters()],

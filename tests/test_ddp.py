@@ -103,8 +103,14 @@ IAS_KEYS = (
 
 def test_ias_monitor_under_ddp_logs_the_single_process_values(tmp_path):
     # per-sample gradients, the sampled tr(HS_1) and the sampled SGD steps are sharded
-    _fit(tmp_path / "one", "ias", devices=1)
-    _fit(tmp_path / "two", "ias", devices=2)
+    (single,) = _fit(tmp_path / "one", "ias", devices=1)
+    ranks = _fit(tmp_path / "two", "ias", devices=2)
+    # a second monitor reads b from the loader: per-rank batch x world size = n (GD)
+    for rank in (single, *ranks):
+        sampling, history = rank["read_b"]
+        assert sampling == (200, False, 200) and [h["step"] for h in history] == [3]
+        assert history[0]["eos/rho_b"] == 1.0
+        assert history[0]["eos/ias"] == pytest.approx(single["read_b"][1][0]["eos/ias"], rel=1e-5)
     one, two = _logged(tmp_path / "one", IAS_KEYS), _logged(tmp_path / "two", IAS_KEYS)
     assert sorted(two) == [0, 2, 4] and set(two[4]) == set(IAS_KEYS)
     assert all(two[s]["eos/ias_stderr"] > 0 for s in two)  # the sampled estimator ran

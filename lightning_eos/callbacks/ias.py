@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 from typing_extensions import override
 
 from lightning_eos.callbacks._measurement_set import LossFnType, metric_states_restored
@@ -29,20 +30,32 @@ if TYPE_CHECKING:
     from lightning.pytorch import Trainer
 
 
-def _loader_batch(loader: Any) -> tuple[int | None, bool | None, int | None]:
-    """(batch size, drawn with replacement, dataset size) of a training loader, if known."""
+def _loader_batch(loader: Any) -> tuple[int | None, bool, int | None, str]:
+    """(batch size, with replacement, dataset size, how batches are drawn) of a loader.
+
+    How: ``"random"`` (uniform draws: ``RandomSampler``, shuffling ``DistributedSampler``),
+    ``"sequential"`` (a fixed partition) or ``"other"`` (any other sampler).
+    """
     if not isinstance(loader, DataLoader):
-        return None, None, None
+        return None, False, None, "other"
     size = loader.batch_size
     if size is None and loader.batch_sampler is not None:
         size = getattr(loader.batch_sampler, "batch_size", None)
     sampler = loader.sampler
-    replacement = isinstance(sampler, RandomSampler) and bool(sampler.replacement)
+    replacement = False
+    if isinstance(sampler, RandomSampler):
+        how, replacement = "random", bool(sampler.replacement)
+    elif isinstance(sampler, DistributedSampler):
+        how = "random" if sampler.shuffle else "sequential"
+    elif isinstance(sampler, SequentialSampler):
+        how = "sequential"
+    else:
+        how = "other"
     try:
         n = len(loader.dataset)  # type: ignore[arg-type]
     except TypeError:
         n = None
-    return size, replacement, n
+    return size, replacement, n, how
 
 
 class IASMonitor(SharpnessMonitor):
@@ -110,13 +123,17 @@ class IASMonitor(SharpnessMonitor):
             default: the training loader's batch size, times the number of processes
             and ``accumulate_grad_batches`` (capped at :math:`n`).
         replacement: batches drawn with replacement; default: read from the loader's
-            ``RandomSampler``.
+            ``RandomSampler``. Samplers other than ``RandomSampler``,
+            ``DistributedSampler`` and ``SequentialSampler`` need ``replacement`` and
+            ``population`` given (a ``SubsetRandomSampler`` draws from its subset); an
+            unshuffled loader gets a warning (a fixed partition is not a uniform draw).
         population: :math:`n`; default: the training dataset's length.
         samples: per-sample gradients drawn (afresh every measurement, seeded by ``seed``
             and the step) to estimate :math:`\\operatorname{tr}(HS_1)`; ``None``: all
             (exact, one Hessian-vector product per sample).
         sharpness: also measure :math:`\\lambda_1(H)` (``top_k`` eigenvalues).
-        loss_change: also log the measured and predicted one-step loss change.
+        loss_change: also log the measured and predicted one-step loss change (plain SGD
+            only: no momentum or weight decay).
         loss_change_samples: SGD steps averaged for ``eos/normalized_loss_change``.
         per_sample_chunk: per-sample gradients held in memory at once.
         threshold: ``"auto"`` reads :math:`\\eta` and momentum from the optimizer (torch
@@ -225,6 +242,16 @@ class IASMonitor(SharpnessMonitor):
             self._lr(trainer)
         if self.threshold == "auto":
             sgd_ias_threshold(trainer.optimizers[0], rho_b=1.0)  # a clear error if unknown
+        if self.loss_change:
+            optimizer = trainer.optimizers[0]
+            plain = type(optimizer) is torch.optim.SGD and not any(
+                g.get("momentum", 0) or g.get("weight_decay", 0) for g in optimizer.param_groups
+            )
+            if not plain:
+                raise ValueError(
+                    "loss_change=True takes plain SGD steps theta - eta g (eq. 7); the "
+                    f"optimizer is {type(optimizer).__name__} with momentum or weight decay."
+                )
 
     @staticmethod
     def _lr(trainer: Trainer) -> float:
@@ -238,7 +265,14 @@ class IASMonitor(SharpnessMonitor):
     def _batch_sampling(self, trainer: Trainer) -> tuple[int, bool, int]:
         """(b, replacement, n): the global batch of one optimizer step and its population."""
         if self._sampling is None:
-            size, replacement, n = _loader_batch(trainer.train_dataloader)
+            size, replacement, n, how = _loader_batch(trainer.train_dataloader)
+            if how == "other" and (self.population is None or self.replacement is None):
+                sampler = getattr(trainer.train_dataloader, "sampler", None)
+                raise ValueError(
+                    f"IASMonitor cannot tell how {type(sampler).__name__} draws batches; the "
+                    "IAS assumes uniform draws of b from n samples. Pass `population=` and "
+                    "`replacement=` (and `dataloader=` to measure on the samples drawn from)."
+                )
             population = self.population or n
             if population is None:
                 raise ValueError("IASMonitor cannot tell the training set size; pass `population`.")
@@ -247,8 +281,14 @@ class IASMonitor(SharpnessMonitor):
                 if size is None:
                     raise ValueError("IASMonitor cannot read the batch size; pass `batch_size`.")
                 b = size * trainer.world_size * trainer.accumulate_grad_batches
-            replacement = self.replacement if self.replacement is not None else bool(replacement)
-            self._sampling = (b if replacement else min(b, population), replacement, population)
+            replacement = self.replacement if self.replacement is not None else replacement
+            b = b if replacement else min(b, population)
+            if how == "sequential" and b < population:
+                rank_zero_warn(
+                    "IASMonitor: the training batches are a fixed partition (no shuffling), "
+                    "not uniform draws; the IAS describes uniformly drawn batches of b."
+                )
+            self._sampling = (b, replacement, population)
         return self._sampling
 
     @override
