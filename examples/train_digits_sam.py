@@ -1,6 +1,9 @@
 """SAM at its edge of stability against GD at the same learning rate (paper 003).
 
-python examples/train_digits_sam.py --lr 0.5 --rho 0.1 --max-steps 1500 --out outputs/sam_example
+python examples/train_digits_sam.py --lr 0.5 --rho 0.1 --max-steps 12000 --out outputs/sam_example
+
+12000 full-batch steps of SAM and of GD take ~50 min on 2 CPU cores (the paper trains for
+8 GPU hours); --max-steps 1500 --every 25 shows the tracking in ~3 min.
 """
 
 from __future__ import annotations
@@ -69,8 +72,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--lr", type=float, default=0.5)
     parser.add_argument("--rho", type=float, default=0.1)
-    parser.add_argument("--max-steps", type=int, default=1500)
-    parser.add_argument("--every", type=int, default=25)
+    parser.add_argument("--max-steps", type=int, default=12000)
+    parser.add_argument("--every", type=int, default=1000)
     parser.add_argument("--out", default="outputs/sam_example")
     args = parser.parse_args()
     sam = train(args.lr, args.rho, args.max_steps, args.every, f"{args.out}/sam")
