@@ -6,6 +6,26 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
+def _pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (files only, headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Lay out ``fig``, write it to ``path`` (folders created) and close it."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    _pyplot().close(fig)
+    return path
+
+
 def _draw(ax, history, prefix: str, symbol: str, threshold_key: str | None) -> None:
     steps = [h["step"] for h in history]
     k = 2
@@ -42,11 +62,7 @@ def plot_sharpness(
     Returns:
         The path written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     preconditioned = [h for h in history if "eos/preconditioned_sharpness" in h]
     raw = [h for h in history if "eos/sharpness" in h]
     if preconditioned:
@@ -87,12 +103,7 @@ def plot_sharpness(
         ax.set_xlabel("step")
         ax.set_ylabel("sharpness")
         ax.set_title(title or "sharpness and its stability threshold")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_ias(
@@ -109,11 +120,7 @@ def plot_ias(
         path: the image file to write.
         lr: the learning rate shared by the runs, for the :math:`2/\\eta` line.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
     for i, (label, history) in enumerate(runs.items()):
         rows = [h for h in history if "eos/ias" in h]
@@ -132,12 +139,7 @@ def plot_ias(
     for ax in (left, right):
         ax.set_xlabel("step")
         ax.legend(loc="lower right")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def edge_summary(

@@ -197,8 +197,7 @@ class GradientMoments:
     def _vmapped(self, batch: object) -> Tensor:
         op = self.hessian
         wrapper = _LossModule(op.model, op.loss_fn)
-        names = {id(p): n for n, p in wrapper.named_parameters()}
-        keys = [names[id(p)] for p in op.params]
+        keys = wrapper.keys(op.params)
         leaves, rebuild = split_leaves(batch)
         count = int(leaves[0].shape[0])
         batched = [t.dim() > 0 and t.shape[0] == count for t in leaves]
@@ -323,11 +322,8 @@ def loss_at(hessian: HessianOperator, shift: Tensor) -> float:
     """
     op = hessian
     wrapper = _LossModule(op.model, op.loss_fn)
-    names = {id(p): n for n, p in wrapper.named_parameters()}
-    shifted = {
-        names[id(p)]: p.detach() + s
-        for p, s in zip(op.params, unflatten(shift.to(op.dtype), op.params))
-    }
+    steps = unflatten(shift.to(op.dtype), op.params)
+    shifted = {k: p.detach() + s for k, p, s in zip(wrapper.keys(op.params), op.params, steps)}
 
     def local_sum() -> Tensor:
         total = torch.zeros(1, dtype=torch.float64, device=op.device)

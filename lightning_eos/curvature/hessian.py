@@ -90,6 +90,11 @@ class _LossModule(nn.Module):
     def forward(self, batch: Any) -> Tensor:
         return self.loss_fn(self.model, batch)
 
+    def keys(self, params: Sequence[Tensor]) -> list[str]:
+        """The ``functional_call`` names of ``params`` (parameters of ``model``)."""
+        names = {id(p): n for n, p in self.named_parameters()}
+        return [names[id(p)] for p in params]
+
 
 class HessianOperator:
     """The Hessian of the mean loss over fixed chunks, as a symmetric matvec on flat vectors.
@@ -188,6 +193,7 @@ class HessianOperator:
         self.num_matvecs = 0
         self._graphs: list[tuple[Tensor, list[Tensor]]] | None = None
         self._loss: float | None = None
+        self._gradient: Tensor | None = None
 
     @property
     def dim(self) -> int:
@@ -289,8 +295,15 @@ class HessianOperator:
         return self._loss
 
     def gradient(self) -> Tensor:
-        """The flat gradient :math:`\\nabla L` of the mean loss over the measurement set."""
+        """The flat gradient :math:`\\nabla L` of the mean loss over the measurement set.
 
+        Computed once per operator (like :meth:`loss`); a copy is returned.
+        """
+        if self._gradient is None:
+            self._gradient = self._reduced_gradient()
+        return self._gradient.clone()
+
+    def _reduced_gradient(self) -> Tensor:
         def local_sum() -> Tensor:
             graphs = self._graphs_or_none()
             if graphs is None:
@@ -351,8 +364,7 @@ class HessianOperator:
 
     def _forward_over_reverse(self, index: int, tangents: list[Tensor]) -> Tensor:
         wrapper = _LossModule(self.model, self.loss_fn)
-        names = {id(p): n for n, p in wrapper.named_parameters()}
-        keys = [names[id(p)] for p in self.params]
+        keys = wrapper.keys(self.params)
         batch = self._prepare(self.chunks[index])
 
         def loss_of(primals: dict[str, Tensor]) -> Tensor:
