@@ -11,11 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L  # noqa: E402
+import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import yaml  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+from lightning_eos.cli import build_cli  # noqa: E402
 from lightning_eos.curvature import flatten, unflatten  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def mse(model: Callable[[Tensor], Tensor], batch: Any) -> Tensor:
@@ -76,3 +81,34 @@ def quiet_trainer(tmp_path: Path | None = None, callbacks=(), max_steps=12, **kw
     )
     options.update(kwargs)
     return L.Trainer(**options)
+
+
+@pytest.fixture
+def offline_cwd(monkeypatch, tmp_path):
+    """No W&B API key, W&B offline with its files in ``tmp_path``, which is the cwd."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+
+
+def cli_history(args: list[str], monitor_type: type) -> dict[int, dict]:
+    """``lightning-eos fit ARGS`` without loggers; its ``monitor_type`` history by step."""
+    # no loggers: a W&B run here would pin wandb's process-wide settings for later tests
+    cli = build_cli(["fit", *args, "--trainer.logger=false"])
+    (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, monitor_type)]
+    return {h["step"]: h for h in monitor.history}
+
+
+def config_with(name: str, callback: str, **init_args: Any) -> Path:
+    """``configs/NAME`` with ``init_args`` changed on the callback whose class is ``callback``.
+
+    Written to the current directory (LightningCLI cannot override one callback of a list).
+    """
+    config = yaml.safe_load((ROOT / "configs" / name).read_text())
+    callbacks = config["trainer"]["callbacks"]
+    (entry,) = [c for c in callbacks if c["class_path"].rsplit(".", 1)[-1] == callback]
+    entry["init_args"].update(init_args)
+    path = Path(name).resolve()
+    path.write_text(yaml.safe_dump(config))
+    return path

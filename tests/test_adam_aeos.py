@@ -5,34 +5,19 @@ from __future__ import annotations
 import csv
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import ROOT, cli_history
 
 from lightning_eos.callbacks import PreconditionedSharpnessMonitor
-from lightning_eos.cli import build_cli
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch, tmp_path):
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("offline_cwd")
 
 
 def test_adam_reaches_the_adaptive_edge_while_the_raw_sharpness_rises():
     config = str(ROOT / "configs" / "adam_aeos.yaml")
-    # no loggers: a W&B run here would pin wandb's process-wide settings for later tests
-    cli = build_cli(
-        ["fit", "--config", config, "--trainer.max_steps=300", "--trainer.logger=false"]
-    )
-    monitor = next(
-        c for c in cli.trainer.callbacks if isinstance(c, PreconditionedSharpnessMonitor)
-    )
-    by_step = {h["step"]: h for h in monitor.history}
+    args = ["--config", config, "--trainer.max_steps=300"]
+    by_step = cli_history(args, PreconditionedSharpnessMonitor)
     ratio = "eos/preconditioned_sharpness_ratio"
     assert by_step[300]["eos/preconditioned_threshold"] == pytest.approx(38 / 3e-4)
     # well below 38/eta early on (step 0 has no preconditioner, step 1-9 are not measured)

@@ -4,31 +4,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import yaml
+from conftest import ROOT, cli_history, config_with
 
 from lightning_eos.callbacks import IASMonitor
-from lightning_eos.cli import build_cli
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch, tmp_path):
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("offline_cwd")
 
 
 def _history(config: str, *overrides: str) -> dict[int, dict]:
-    # no loggers: a W&B run here would pin wandb's process-wide settings for later tests
-    path = ROOT / "configs" / config
-    args = ["fit", "--config", str(path), *overrides, "--trainer.logger=false"]
-    cli = build_cli(args)
-    (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, IASMonitor)]
-    return {h["step"]: h for h in monitor.history}
+    return cli_history(["--config", str(ROOT / "configs" / config), *overrides], IASMonitor)
 
 
 def test_gd_lambda_1_hovers_above_2_over_eta_while_the_ias_oscillates_around_it():
@@ -49,11 +35,9 @@ def test_gd_lambda_1_hovers_above_2_over_eta_while_the_ias_oscillates_around_it(
 
 
 def test_sgd_ias_rises_to_its_own_edge_far_below_2_over_eta_and_is_held_there():
-    config = yaml.safe_load((ROOT / "configs" / "ias_digits_sgd.yaml").read_text())
-    (monitor,) = [c for c in config["trainer"]["callbacks"] if "IASMonitor" in c["class_path"]]
-    monitor["init_args"].update(every_n_steps=20, samples=16)  # cheaper than the config
-    Path("sgd.yaml").write_text(yaml.safe_dump(config))
-    history = _history(str(Path("sgd.yaml").resolve()), "--trainer.max_steps=300")
+    # cheaper than the config: measure every 20 steps with 16 sampled per-sample gradients
+    config = config_with("ias_digits_sgd.yaml", "IASMonitor", every_n_steps=20, samples=16)
+    history = _history(str(config), "--trainer.max_steps=300")
     lr = 0.5
     late = [history[s] for s in range(160, 301, 20)]
     edges = [h["eos/ias_threshold"] for h in late]

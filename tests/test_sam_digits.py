@@ -4,39 +4,23 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import yaml
+from conftest import ROOT, cli_history, config_with
 
 from lightning_eos.callbacks import SharpnessMonitor
-from lightning_eos.cli import build_cli
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch, tmp_path):
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("offline_cwd")
 
 
 def _history(config_args):
-    # no loggers: a W&B run here would pin wandb's process-wide settings for later tests
-    cli = build_cli(["fit", *config_args, "--trainer.logger=false"])
-    (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, SharpnessMonitor)]
-    return {h["step"]: h for h in monitor.history}
+    return cli_history(config_args, SharpnessMonitor)
 
 
 def test_sam_tracks_its_edge_well_below_2_over_eta_and_stays_flatter_than_gd():
     steps = ["--trainer.max_steps=400"]
-    config = yaml.safe_load((ROOT / "configs" / "sam_digits.yaml").read_text())
-    callbacks = config["trainer"]["callbacks"]
-    (monitor,) = [c for c in callbacks if c["class_path"].endswith("SharpnessMonitor")]
-    monitor["init_args"]["every_n_steps"] = 25  # the full run measures every 100 steps
-    Path("sam.yaml").write_text(yaml.safe_dump(config))
-    sam = _history(["--config", str(Path("sam.yaml").resolve()), *steps])
+    config = config_with("sam_digits.yaml", "SharpnessMonitor", every_n_steps=25)  # full: 100
+    sam = _history(["--config", str(config), *steps])
     gd_overrides = [
         "--config",
         str(ROOT / "configs" / "quickstart.yaml"),
