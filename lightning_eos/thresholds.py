@@ -23,8 +23,9 @@ paper 004, Thm. 2). With learning rate :math:`\\eta` and momentum :math:`\\beta`
 * every EMA-form update with decoupled decay, :func:`ema_update_threshold`; it covers
   all of the above but SAM and the adaptive optimizers with a frozen preconditioner.
 
-:func:`stability_threshold` reads a live optimizer and returns the threshold that
-applies to :math:`\\lambda_1(H)` of the *unregularized* loss;
+:func:`stability_threshold` reads a live optimizer (``torch.optim.SGD`` or one of
+:mod:`lightning_eos.optim.momentum`) and returns the threshold that applies to
+:math:`\\lambda_1(H)` of the *unregularized* loss;
 :func:`preconditioned_threshold` reads an adaptive one and returns the threshold on
 :math:`\\lambda_1(P^{-1}H)` (paper 002, App. A.2).
 """
@@ -244,7 +245,7 @@ def lssr_learning_rate(
 
 
 def sgd_ias_threshold(optimizer: Any, rho_b: float) -> float:
-    """The edge of the interaction-aware sharpness for a live SGD optimizer.
+    """The edge of the interaction-aware sharpness for a live SGD or momentum optimizer.
 
     It is :math:`\\rho_b` times :func:`stability_threshold`.
 
@@ -261,15 +262,14 @@ def sgd_ias_threshold(optimizer: Any, rho_b: float) -> float:
         1.0
     """
     optimizer = _unwrap(optimizer)
-    if type(optimizer) is torch.optim.SGD and any(
-        g.get("weight_decay", 0) for g in optimizer.param_groups
-    ):
+    threshold = stability_threshold(optimizer)  # a clear error for unknown optimizers
+    if any(g.get("weight_decay", 0) for g in optimizer.param_groups):
         raise UnsupportedOptimizerError(
             "The IAS edge 2 rho_b / eta (paper 004) is known for SGD without weight decay."
         )
     if not 0 < rho_b <= 1 + 1e-12:
         raise ValueError(f"rho_b={rho_b} must lie in (0, 1].")
-    return rho_b * stability_threshold(optimizer)
+    return rho_b * threshold
 
 
 def _sgd_threshold(group: dict[str, Any]) -> float:
@@ -300,8 +300,19 @@ def stability_threshold(optimizer: Any) -> float:
     """The threshold on :math:`\\lambda_1(H)` implied by a live optimizer's param groups.
 
     Reads the current learning rate (after schedulers and warmup) and the momentum
-    settings. Supported: ``torch.optim.SGD`` (plain GD, heavy-ball momentum with or
-    without dampening, Nesterov). ``weight_decay`` :math:`w` adds :math:`wI` to the
+    settings. Supported:
+
+    * ``torch.optim.SGD`` (plain GD, heavy-ball momentum with or without dampening,
+      Nesterov);
+    * :class:`~lightning_eos.optim.HeavyBall` (:func:`heavy_ball_threshold`),
+      :class:`~lightning_eos.optim.Nesterov` (:func:`nesterov_threshold`),
+      :class:`~lightning_eos.optim.GeneralizedMomentum`
+      (:func:`generalized_momentum_threshold`),
+      :class:`~lightning_eos.optim.EMAHeavyBall` (:func:`ema_heavy_ball_threshold`) and
+      :class:`~lightning_eos.optim.EMANesterov` (:func:`ema_nesterov_threshold`), at the
+      step size they take; with ``match_gd=True`` that is :math:`2/\\eta` for all of them.
+
+    ``weight_decay`` :math:`w` (coupled, added to the gradient) adds :math:`wI` to the
     Hessian the optimizer sees, so it lowers the threshold on the raw loss by :math:`w`.
 
     Args:
@@ -312,23 +323,37 @@ def stability_threshold(optimizer: Any) -> float:
             thresholds differ (one scalar threshold does not exist then).
 
     Example:
+        >>> from lightning_eos.optim import HeavyBall
         >>> p = [torch.nn.Parameter(torch.zeros(1))]
         >>> stability_threshold(torch.optim.SGD(p, lr=0.5, momentum=0.5))
         6.0
+        >>> stability_threshold(HeavyBall(p, lr=0.5, momentum=0.5, weight_decay=1.0))
+        5.0
+        >>> stability_threshold(HeavyBall(p, lr=0.5, momentum=0.5, match_gd=True))
+        4.0
     """
+    # lazily: lightning_eos.optim imports this module
+    from lightning_eos.optim.momentum import _MomentumOptimizer
+
     optimizer = _unwrap(optimizer)
     if _is_sam(optimizer):
         raise UnsupportedOptimizerError(
             "SAM's threshold depends on the gradient norm: use sam_threshold(optimizer, "
             "grad_norm) (SharpnessMonitor does, on its measurement set)."
         )
-    if type(optimizer) is not torch.optim.SGD:
+    if isinstance(optimizer, _MomentumOptimizer):
+        group_threshold = optimizer._threshold
+    elif type(optimizer) is torch.optim.SGD:
+        group_threshold = _sgd_threshold
+    else:
         raise UnsupportedOptimizerError(
             f"No stability threshold is known for {type(optimizer).__name__}. Supported: "
-            "torch.optim.SGD (GD, momentum, dampening, nesterov). Pass threshold=None to "
-            "measure the sharpness without a threshold, or a number to fix one."
+            "torch.optim.SGD (GD, momentum, dampening, nesterov) and lightning_eos.optim's "
+            "HeavyBall, Nesterov, GeneralizedMomentum, EMAHeavyBall and EMANesterov. For an "
+            "adaptive optimizer use preconditioned_threshold. Pass threshold=None to measure "
+            "the sharpness without a threshold, or a number to fix one."
         )
-    values = {_sgd_threshold(g) for g in optimizer.param_groups}
+    values = {group_threshold(g) for g in optimizer.param_groups}
     if len(values) > 1:
         raise UnsupportedOptimizerError(
             "The param groups imply different thresholds "

@@ -1,9 +1,17 @@
-"""Optimizers of the papers and the preconditioner registry of adaptive optimizers.
+"""Optimizers and schedules of the papers, and the preconditioner registry of adaptive ones.
 
-Optimizers
+Momentum (learning rate read live; ``match_gd`` gives gradient descent's threshold)
+    :class:`GeneralizedMomentum` (paper 004, Thm. 2), :class:`HeavyBall` (paper 001,
+    eq. 1), :class:`Nesterov`, :class:`EMAHeavyBall`, :class:`EMANesterov` (paper 002,
+    Table 1).
+Adaptive optimizers
     :class:`Adam` (bias correction, AMSGrad, exponent switches), :class:`Padam`,
-    :class:`Nadam` (EMA Nesterov, no bias correction), :class:`FrozenAdam`,
-    :class:`SAM` (sharpness-aware minimization around any of them).
+    :class:`Nadam` (EMA Nesterov, no bias correction), :class:`FrozenAdam`.
+Sharpness-aware minimization
+    :class:`SAM`, around any of the above.
+Schedules
+    :class:`LinearWarmup` -- a linear ramp between absolute learning rates (paper 001,
+    App. B; paper 002, Fig. 7).
 Preconditioners
     :func:`read_preconditioner` -- :math:`P_t` and the threshold on
     :math:`\\lambda_1(P^{-1}H)` from a live optimizer; :func:`track_preconditioner`,
@@ -11,6 +19,13 @@ Preconditioners
 """
 
 from lightning_eos.optim.adaptive import Adam, FrozenAdam, Nadam, Padam
+from lightning_eos.optim.momentum import (
+    EMAHeavyBall,
+    EMANesterov,
+    GeneralizedMomentum,
+    HeavyBall,
+    Nesterov,
+)
 from lightning_eos.optim.preconditioners import (
     Preconditioner,
     PreconditionerNotReadyError,
@@ -22,14 +37,24 @@ from lightning_eos.optim.preconditioners import (
     unwrap_optimizer,
 )
 from lightning_eos.optim.sam import SAM
+from lightning_eos.optim.schedules import LinearWarmup
 
 __all__ = [
-    # optimizers
+    # momentum
+    "EMAHeavyBall",
+    "EMANesterov",
+    "GeneralizedMomentum",
+    "HeavyBall",
+    "Nesterov",
+    # adaptive optimizers
     "Adam",
     "FrozenAdam",
     "Nadam",
     "Padam",
+    # sharpness-aware minimization
     "SAM",
+    # schedules
+    "LinearWarmup",
     # preconditioners
     "Preconditioner",
     "PreconditionerNotReadyError",
