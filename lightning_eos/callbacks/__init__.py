@@ -8,22 +8,31 @@ Monitors
     :math:`2\\rho_b/\\eta`, with the gradient-noise traces behind it.
 Interventions
     :class:`FreezePreconditioner` -- swap in frozen Adam at a given step.
+    :class:`OptimizerSwitch` -- GD <-> PHB where the sharpness crosses the MSS (paper 001).
+Events
+    :class:`CatapultDetector` -- loss spikes with a sharpness drop (paper 001), as
+    :class:`Catapult` records.
 Precision
     :class:`SAMMixedPrecision` -- SAM under ``16-mixed`` (GradScaler).
 Figures
     :class:`SharpnessPlot` -- PNG of the sharpness against its threshold at fit end.
 """
 
+from lightning_eos.callbacks.catapult import Catapult, CatapultDetector
 from lightning_eos.callbacks.freeze import FreezePreconditioner
 from lightning_eos.callbacks.ias import IASMonitor
 from lightning_eos.callbacks.plot import SharpnessPlot
 from lightning_eos.callbacks.preconditioned import PreconditionedSharpnessMonitor
 from lightning_eos.callbacks.sam_precision import SAMMixedPrecision
 from lightning_eos.callbacks.sharpness import SharpnessMonitor
+from lightning_eos.callbacks.switch import OptimizerSwitch
 
 __all__ = [
+    "Catapult",
+    "CatapultDetector",
     "FreezePreconditioner",
     "IASMonitor",
+    "OptimizerSwitch",
     "PreconditionedSharpnessMonitor",
     "SAMMixedPrecision",
     "SharpnessMonitor",

@@ -1,0 +1,56 @@
+"""Events (a catapult, an optimizer switch): scalars to every logger, rows to a W&B table."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from lightning.pytorch.loggers import WandbLogger
+
+if TYPE_CHECKING:
+    from lightning.pytorch import Trainer
+
+    from lightning_eos.callbacks.sharpness import SharpnessMonitor
+
+
+def sharpness_monitor(trainer: Trainer, owner: str) -> SharpnessMonitor:
+    """The trainer's first :class:`SharpnessMonitor` (or subclass), whose measurements we read.
+
+    Raises:
+        ValueError: no monitor is attached, or it logs no threshold.
+    """
+    from lightning_eos.callbacks.sharpness import SharpnessMonitor
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, SharpnessMonitor):
+            if callback.threshold is None:
+                raise ValueError(
+                    f"{owner} compares the sharpness with the optimizer's threshold; the "
+                    "SharpnessMonitor has threshold=None. Use threshold='auto' or a number."
+                )
+            return callback
+    raise ValueError(
+        f"{owner} reads the sharpness that a SharpnessMonitor measures: add "
+        "SharpnessMonitor(every_n_steps=...) to the trainer's callbacks (every_n_steps=1 "
+        "to act at the exact step)."
+    )
+
+
+def log_event(
+    trainer: Trainer,
+    step: int,
+    metrics: dict[str, float],
+    table: str,
+    rows: list[dict[str, Any]],
+) -> None:
+    """Log ``metrics`` at ``step`` through every logger; W&B also gets ``rows`` as a table.
+
+    The table holds every event so far (W&B keeps its latest version). Only rank zero logs.
+    """
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
+        if isinstance(logger, WandbLogger) and rows:
+            columns = list(rows[0])
+            data = [[row[c] for c in columns] for row in rows]
+            logger.log_table(key=table, columns=columns, data=data, step=step)

@@ -1,0 +1,272 @@
+"""CatapultDetector: a loss spike coupled with a drop of the sharpness (paper 001, §1)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lightning_eos.callbacks._events import log_event, sharpness_monitor
+
+if TYPE_CHECKING:
+    from lightning.pytorch import Trainer
+
+LossSource = Literal["training_step", "measurement"]
+
+
+@dataclass
+class Catapult:
+    """One catapult: where the loss spiked and what the sharpness did.
+
+    Steps are global steps: the loss at step :math:`t` is the loss of the parameters
+    after :math:`t` optimizer steps.
+    """
+
+    start_step: int  #: the last step at the loss's running minimum before it rose
+    peak_step: int
+    end_step: int  #: the first step after the peak with the loss back down by the factor
+    start_loss: float
+    peak_loss: float
+    sharpness_before: float  #: the last measurement at or before ``start_step``
+    sharpness_after: float  #: the first measurement at or after ``end_step``
+    threshold: float  #: the optimizer's threshold (MSS) measured with ``sharpness_before``
+    ratio_before: float  #: ``sharpness_before / threshold``
+    ratio_after: float  #: ``sharpness_after`` over the threshold measured with it
+    before_step: int  #: the step of the ``sharpness_before`` measurement
+    after_step: int  #: the step of the ``sharpness_after`` measurement
+
+
+class CatapultDetector(Callback):
+    """Detect catapults: a single loss spike with a drastic sharpness reduction.
+
+    Paper 001, §1 defines a catapult as "a drastic sharpness reduction coupled with a
+    single spike in the training loss" (Lewkowycz et al.): with the sharpness above the
+    maximum stable sharpness (MSS), the iterates blow up along the top eigenvector, the
+    loss spikes, and they land in a flatter region.
+
+    The detector follows the loss of every optimizer step. A spike starts when the loss
+    exceeds ``spike_factor`` times its running minimum (the minimum since the last spike
+    ended); its start is the step of that minimum. It ends at the first step after the
+    peak where the loss is back below ``peak / spike_factor``. The spike is a catapult if
+    the sharpness measured by the trainer's
+    :class:`~lightning_eos.callbacks.SharpnessMonitor` fell by at least
+    ``min_sharpness_drop`` (relative) from the last measurement at or before the start
+    to the first one at or after the end. Each catapult is logged, at its peak step,
+    through every logger:
+
+    ===================================  ==========================================
+    ``eos/catapult_peak_loss``           the loss at the peak
+    ``eos/catapult_start_step``          where the loss started to rise
+    ``eos/catapult_end_step``            where it was back down
+    ``eos/catapult_sharpness_before``    :math:`\\lambda_1` before the spike
+    ``eos/catapult_sharpness_after``     :math:`\\lambda_1` after it
+    ``eos/catapult_ratio_before``        :math:`\\lambda_1` / MSS before
+    ``eos/catapult_ratio_after``         :math:`\\lambda_1` / MSS after
+    ===================================  ==========================================
+
+    and, when W&B is attached, as a row of the table ``eos/catapults``. :attr:`events`
+    holds them as :class:`Catapult` records.
+
+    The loss is the one ``training_step`` returns (averaged over the micro-batches of a
+    step and over processes), or, with ``loss="measurement"``, the monitor's ``eos/loss``
+    on its fixed measurement set (only at its measurement steps, but free of minibatch
+    noise: use it for small-batch SGD or raise ``spike_factor``).
+
+    Args:
+        spike_factor: the loss must rise this many times above its running minimum.
+        min_sharpness_drop: the relative drop of :math:`\\lambda_1` that makes a spike a
+            catapult.
+        loss: ``"training_step"`` or ``"measurement"``.
+
+    Example:
+        >>> CatapultDetector(spike_factor=5.0).state_key
+        "CatapultDetector{'spike_factor': 5.0, 'min_sharpness_drop': 0.01, 'loss': 'training_step'}"
+    """
+
+    def __init__(
+        self,
+        spike_factor: float = 2.0,
+        min_sharpness_drop: float = 0.01,
+        loss: LossSource = "training_step",
+    ) -> None:
+        if not spike_factor > 1:
+            raise ValueError(f"spike_factor={spike_factor} must exceed 1.")
+        if not 0 <= min_sharpness_drop < 1:
+            raise ValueError(f"min_sharpness_drop={min_sharpness_drop} must be in [0, 1).")
+        if loss not in ("training_step", "measurement"):
+            raise ValueError(f"loss={loss!r}; choose 'training_step' or 'measurement'.")
+        self.spike_factor, self.min_sharpness_drop, self.loss = (
+            spike_factor,
+            min_sharpness_drop,
+            loss,
+        )
+        self.events: list[Catapult] = []
+        self._floor: tuple[int, float] | None = None  # running minimum (step, loss)
+        self._peak: tuple[int, float] | None = None  # inside a spike: its maximum
+        self._start: tuple[int, float] | None = None  # inside a spike: where it began
+        self._pending: list[dict[str, Any]] = []  # ended spikes waiting for a measurement
+        self._step_loss: list[float] = []  # [step, sum, count] of the step being accumulated
+        self._seen: int | None = None  # last monitor measurement read (loss="measurement")
+        self._batch_step = 0
+        self._monitor: Any = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            spike_factor=self.spike_factor,
+            min_sharpness_drop=self.min_sharpness_drop,
+            loss=self.loss,
+        )
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: L.LightningModule) -> None:
+        self._monitor = sharpness_monitor(trainer, type(self).__name__)
+
+    # --- the loss of every step -------------------------------------------------------
+
+    @override
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_step = trainer.global_step  # the forward pass sees the weights of this step
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self.loss == "measurement":
+            self._read_measured_losses()
+        else:
+            loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
+            if isinstance(loss, torch.Tensor):  # a step that returned None is not a loss
+                value = trainer.strategy.reduce(loss.detach(), reduce_op="mean")
+                self._add_batch_loss(self._batch_step, float(value))
+        self._finalize(trainer, final=False)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: L.LightningModule) -> None:
+        if self._step_loss:
+            step, total, count = self._step_loss
+            self._step_loss = []
+            self._observe(int(step), total / count)
+        self._finalize(trainer, final=True)
+
+    def _add_batch_loss(self, step: int, value: float) -> None:
+        """Average the micro-batch losses of one step; hand over a step once it is complete."""
+        if self._step_loss and self._step_loss[0] != step:
+            done, total, count = self._step_loss
+            self._observe(int(done), total / count)
+            self._step_loss = []
+        if not self._step_loss:
+            self._step_loss = [step, 0.0, 0]
+        self._step_loss[1] += value
+        self._step_loss[2] += 1
+
+    def _read_measured_losses(self) -> None:
+        for entry in self._monitor.history:
+            if (self._seen is None or entry["step"] > self._seen) and "eos/loss" in entry:
+                self._seen = entry["step"]
+                self._observe(int(entry["step"]), float(entry["eos/loss"]))
+
+    # --- the spike state machine ------------------------------------------------------
+
+    def _observe(self, step: int, loss: float) -> None:
+        if not math.isfinite(loss):
+            return
+        if self._peak is None:
+            if self._floor is None or loss <= self._floor[1]:
+                self._floor = (step, loss)
+            elif loss > self.spike_factor * self._floor[1]:
+                self._start, self._peak = self._floor, (step, loss)
+            return
+        if loss > self._peak[1]:
+            self._peak = (step, loss)
+        elif loss < self._peak[1] / self.spike_factor:
+            self._pending.append({"start": self._start, "peak": self._peak, "end": (step, loss)})
+            self._start = self._peak = None
+            self._floor = (step, loss)
+
+    def _finalize(self, trainer: Trainer, final: bool) -> None:
+        """Turn ended spikes into catapults once the sharpness after them is measured."""
+        history = self._monitor.history
+        waiting = []
+        for spike in self._pending:
+            (start, start_loss), (peak, peak_loss), (end, _) = (
+                spike["start"],
+                spike["peak"],
+                spike["end"],
+            )
+            before = [h for h in history if h["step"] <= start and "eos/threshold" in h]
+            after = [h for h in history if h["step"] >= end and "eos/threshold" in h]
+            if not after and not final:
+                waiting.append(spike)
+                continue
+            if not before or not after:
+                continue  # no measurement brackets this spike
+            first, last = before[-1], after[0]
+            drop = 1.0 - last["eos/sharpness"] / first["eos/sharpness"]
+            if drop < self.min_sharpness_drop:
+                continue  # a loss spike without a sharpness reduction is not a catapult
+            event = Catapult(
+                start_step=start,
+                peak_step=peak,
+                end_step=end,
+                start_loss=start_loss,
+                peak_loss=peak_loss,
+                sharpness_before=first["eos/sharpness"],
+                sharpness_after=last["eos/sharpness"],
+                threshold=first["eos/threshold"],
+                ratio_before=first["eos/sharpness"] / first["eos/threshold"],
+                ratio_after=last["eos/sharpness"] / last["eos/threshold"],
+                before_step=first["step"],
+                after_step=last["step"],
+            )
+            self.events.append(event)
+            self._log(trainer, event)
+        self._pending = waiting
+
+    def _log(self, trainer: Trainer, event: Catapult) -> None:
+        metrics = {
+            "eos/catapult_peak_loss": event.peak_loss,
+            "eos/catapult_start_step": float(event.start_step),
+            "eos/catapult_end_step": float(event.end_step),
+            "eos/catapult_sharpness_before": event.sharpness_before,
+            "eos/catapult_sharpness_after": event.sharpness_after,
+            "eos/catapult_ratio_before": event.ratio_before,
+            "eos/catapult_ratio_after": event.ratio_after,
+        }
+        rows = [asdict(e) for e in self.events]
+        log_event(trainer, event.peak_step, metrics, "eos/catapults", rows)
+
+    # --- persistence ------------------------------------------------------------------
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "events": [asdict(e) for e in self.events],
+            "floor": self._floor,
+            "peak": self._peak,
+            "start": self._start,
+            "pending": list(self._pending),
+            "step_loss": list(self._step_loss),
+            "seen": self._seen,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.events = [Catapult(**e) for e in state_dict.get("events", [])]
+        self._floor, self._peak = state_dict.get("floor"), state_dict.get("peak")
+        self._start, self._pending = state_dict.get("start"), list(state_dict.get("pending", []))
+        self._step_loss, self._seen = list(state_dict.get("step_loss", [])), state_dict.get("seen")
