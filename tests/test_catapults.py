@@ -126,8 +126,10 @@ def test_sharpness_reduction_orders_gd_phb_to_gd_gd_to_phb_phb(runs):
     assert reduction["GD"] == pytest.approx(2 * (U0**2 - MSS), rel=0.01)
 
 
-def test_catapult_detector_finds_the_phb_catapult_at_its_step(runs):
-    run, ref = runs["PHB"]
+@pytest.mark.parametrize("name", ["PHB", "GD"])
+def test_catapult_detector_finds_the_catapult_at_its_step(runs, name):
+    """PHB's large catapult (lambda_1 100 -> 96) and GD's small one (100 -> 99, App. D)."""
+    run, ref = runs[name]
     [event] = run["events"]
     assert event.start_step == 0  # the loss rises from the first step on
     assert event.peak_step == int(np.argmax(ref["loss"]))
@@ -203,3 +205,23 @@ def test_events_reach_csv_and_a_wandb_table(tmp_path):
         rows = list(csv.DictReader(f))
     peaks = [r for r in rows if r.get("eos/catapult_peak_loss")]
     assert len(peaks) == 1 and float(peaks[0]["eos/catapult_ratio_before"]) > 1
+
+
+@pytest.mark.usefixtures("offline_cwd")
+def test_config_finds_phbs_catapult():
+    """configs/momentum_scalar_relu.yaml: PHB from (10, 1e-6), the float32-rounded v0."""
+    from lightning_eos.cli import build_cli
+
+    cli = build_cli(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "momentum_scalar_relu.yaml"),
+            "--trainer.logger=false",
+        ]
+    )
+    (detector,) = [c for c in cli.trainer.callbacks if isinstance(c, CatapultDetector)]
+    [event] = detector.events
+    assert event.peak_step == 97 and event.ratio_before > 1 > event.ratio_after
+    u = float(cli.model.model.u.detach()[0])
+    assert U0**2 - u**2 == pytest.approx(3.87, abs=0.01)  # PHB's reduction of Fig. 3

@@ -52,13 +52,15 @@ class CatapultDetector(Callback):
 
     The detector follows the loss of every optimizer step. A spike starts when the loss
     exceeds ``spike_factor`` times its running minimum (the minimum since the last spike
-    ended); its start is the step of that minimum. It ends at the first step after the
-    peak where the loss is back below ``peak / spike_factor``. The spike is a catapult if
-    the sharpness measured by the trainer's
-    :class:`~lightning_eos.callbacks.SharpnessMonitor` fell by at least
-    ``min_sharpness_drop`` (relative) from the last measurement at or before the start
-    to the first one at or after the end. Each catapult is logged, at its peak step,
-    through every logger:
+    ended); its start is the step of that minimum. It ends where the loss has stayed
+    below ``peak / spike_factor`` for ``window`` consecutive steps (the first of them is
+    the end step), so a loss that oscillates on its way down, as it does under momentum,
+    makes one spike; so do two spikes with no sharpness measurement between them. The
+    spike is a catapult if, by the trainer's
+    :class:`~lightning_eos.callbacks.SharpnessMonitor`, the sharpness was near or above the
+    MSS (at least ``min_ratio`` times it) at the last measurement at or before the start,
+    and fell by at least ``min_sharpness_drop`` (relative) by the first measurement at or
+    after the end. Each catapult is logged, at its peak step, through every logger:
 
     ===================================  ==========================================
     ``eos/catapult_peak_loss``           the loss at the peak
@@ -82,23 +84,33 @@ class CatapultDetector(Callback):
         spike_factor: the loss must rise this many times above its running minimum.
         min_sharpness_drop: the relative drop of :math:`\\lambda_1` that makes a spike a
             catapult.
+        min_ratio: :math:`\\lambda_1` / MSS before the spike must be at least this.
+        window: observations (steps, or measurements with ``loss="measurement"``) the
+            loss must stay down for the spike to end.
         loss: ``"training_step"`` or ``"measurement"``.
 
     Example:
-        >>> CatapultDetector(spike_factor=5.0).state_key
-        "CatapultDetector{'spike_factor': 5.0, 'min_sharpness_drop': 0.01, 'loss': 'training_step'}"
+        >>> key = CatapultDetector(spike_factor=5.0).state_key
+        >>> key.startswith("CatapultDetector{'spike_factor': 5.0, 'min_sharpness_drop': 0.005")
+        True
     """
 
     def __init__(
         self,
         spike_factor: float = 2.0,
-        min_sharpness_drop: float = 0.01,
+        min_sharpness_drop: float = 0.005,
+        min_ratio: float = 0.9,
+        window: int = 10,
         loss: LossSource = "training_step",
     ) -> None:
         if not spike_factor > 1:
             raise ValueError(f"spike_factor={spike_factor} must exceed 1.")
         if not 0 <= min_sharpness_drop < 1:
             raise ValueError(f"min_sharpness_drop={min_sharpness_drop} must be in [0, 1).")
+        if not min_ratio >= 0:
+            raise ValueError(f"min_ratio={min_ratio} must be nonnegative.")
+        if window < 1:
+            raise ValueError(f"window={window} must be at least 1.")
         if loss not in ("training_step", "measurement"):
             raise ValueError(f"loss={loss!r}; choose 'training_step' or 'measurement'.")
         self.spike_factor, self.min_sharpness_drop, self.loss = (
@@ -106,10 +118,12 @@ class CatapultDetector(Callback):
             min_sharpness_drop,
             loss,
         )
+        self.min_ratio, self.window = min_ratio, window
         self.events: list[Catapult] = []
         self._floor: tuple[int, float] | None = None  # running minimum (step, loss)
         self._peak: tuple[int, float] | None = None  # inside a spike: its maximum
         self._start: tuple[int, float] | None = None  # inside a spike: where it began
+        self._calm: list[Any] | None = None  # inside a spike: [step, loss, count] back down
         self._pending: list[dict[str, Any]] = []  # ended spikes waiting for a measurement
         self._step_loss: list[float] = []  # [step, sum, count] of the step being accumulated
         self._seen: int | None = None  # last monitor measurement read (loss="measurement")
@@ -122,6 +136,8 @@ class CatapultDetector(Callback):
         return self._generate_state_key(
             spike_factor=self.spike_factor,
             min_sharpness_drop=self.min_sharpness_drop,
+            min_ratio=self.min_ratio,
+            window=self.window,
             loss=self.loss,
         )
 
@@ -161,6 +177,8 @@ class CatapultDetector(Callback):
             step, total, count = self._step_loss
             self._step_loss = []
             self._observe(int(step), total / count)
+        if self._calm is not None:  # the loss was back down when training stopped
+            self._end_spike()
         self._finalize(trainer, final=True)
 
     def _add_batch_loss(self, step: int, value: float) -> None:
@@ -192,11 +210,34 @@ class CatapultDetector(Callback):
                 self._start, self._peak = self._floor, (step, loss)
             return
         if loss > self._peak[1]:
-            self._peak = (step, loss)
-        elif loss < self._peak[1] / self.spike_factor:
-            self._pending.append({"start": self._start, "peak": self._peak, "end": (step, loss)})
-            self._start = self._peak = None
-            self._floor = (step, loss)
+            self._peak, self._calm = (step, loss), None
+        elif loss >= self._peak[1] / self.spike_factor:
+            self._calm = None  # still up: an oscillating loss is one spike, not several
+        else:
+            if self._calm is None:
+                self._calm = [step, loss, 0]
+            self._calm[2] += 1
+            if self._calm[2] >= self.window:
+                self._end_spike()
+                self._floor = (step, loss)
+
+    def _end_spike(self) -> None:
+        end = (int(self._calm[0]), float(self._calm[1]))
+        spike = {"start": self._start, "peak": self._peak, "end": end}
+        self._start = self._peak = self._calm = None
+        if self._pending:
+            previous = self._pending[-1]
+            after = self._first_measurement_after(previous["end"][0])
+            if after is None or spike["start"][0] < after:
+                # no measurement between the two: the sharpness cannot tell them apart
+                previous["end"] = spike["end"]
+                previous["peak"] = max(previous["peak"], spike["peak"], key=lambda p: p[1])
+                return
+        self._pending.append(spike)
+
+    def _first_measurement_after(self, step: int) -> int | None:
+        steps = [h["step"] for h in self._monitor.history if h["step"] >= step]
+        return steps[0] if steps else None
 
     def _finalize(self, trainer: Trainer, final: bool) -> None:
         """Turn ended spikes into catapults once the sharpness after them is measured."""
@@ -210,15 +251,18 @@ class CatapultDetector(Callback):
             )
             before = [h for h in history if h["step"] <= start and "eos/threshold" in h]
             after = [h for h in history if h["step"] >= end and "eos/threshold" in h]
-            if not after and not final:
-                waiting.append(spike)
-                continue
+            rising = self._start is not None and (not after or self._start[0] < after[0]["step"])
+            if (not after or (rising and spike is self._pending[-1])) and not final:
+                waiting.append(spike)  # wait for the sharpness after it, and for a spike
+                continue  # that began before that measurement (it is merged into this one)
             if not before or not after:
                 continue  # no measurement brackets this spike
             first, last = before[-1], after[0]
             drop = 1.0 - last["eos/sharpness"] / first["eos/sharpness"]
             if drop < self.min_sharpness_drop:
                 continue  # a loss spike without a sharpness reduction is not a catapult
+            if first["eos/sharpness"] < self.min_ratio * first["eos/threshold"]:
+                continue  # far below the MSS: not the instability that throws a catapult
             event = Catapult(
                 start_step=start,
                 peak_step=peak,
@@ -259,6 +303,7 @@ class CatapultDetector(Callback):
             "floor": self._floor,
             "peak": self._peak,
             "start": self._start,
+            "calm": self._calm,
             "pending": list(self._pending),
             "step_loss": list(self._step_loss),
             "seen": self._seen,
@@ -269,4 +314,5 @@ class CatapultDetector(Callback):
         self.events = [Catapult(**e) for e in state_dict.get("events", [])]
         self._floor, self._peak = state_dict.get("floor"), state_dict.get("peak")
         self._start, self._pending = state_dict.get("start"), list(state_dict.get("pending", []))
+        self._calm = state_dict.get("calm")
         self._step_loss, self._seen = list(state_dict.get("step_loss", [])), state_dict.get("seen")
