@@ -18,7 +18,12 @@ import pytest
 import torch
 from conftest import ROOT, quiet_trainer
 
-from lightning_eos.callbacks import CatapultDetector, OptimizerSwitch, SharpnessMonitor
+from lightning_eos.callbacks import (
+    CatapultDetector,
+    LearningRateWarmup,
+    OptimizerSwitch,
+    SharpnessMonitor,
+)
 from lightning_eos.data import SinglePointDataModule
 from lightning_eos.models import ScalarReLUNetwork, SupervisedTask
 from lightning_eos.optim import HeavyBall
@@ -225,3 +230,34 @@ def test_config_finds_phbs_catapult():
     assert event.peak_step == 97 and event.ratio_before > 1 > event.ratio_after
     u = float(cli.model.model.u.detach()[0])
     assert U0**2 - u**2 == pytest.approx(3.87, abs=0.01)  # PHB's reduction of Fig. 3
+
+
+def _warmup_fit(callbacks, scheduler=None, steps=80):
+    model = scalar_net()
+    optimizer = functools.partial(HeavyBall, lr=0.5, momentum=0.0, match_gd=True)
+    task = SupervisedTask(model, loss="half_mse", optimizer=optimizer, lr_scheduler=scheduler)
+    trainer = quiet_trainer(max_steps=steps, precision="64-true", callbacks=callbacks)
+    trainer.fit(task, SinglePointDataModule(x=1.0, y=0.0, dtype="float64"))
+    return model, trainer
+
+
+def test_warmup_callback_is_the_warmup_scheduler():
+    from lightning_eos.optim import LinearWarmup
+
+    schedule = functools.partial(LinearWarmup, lr_initial=0.001, lr_final=0.03, steps=100)
+    by_scheduler, _ = _warmup_fit([], scheduler=schedule)
+    by_callback, trainer = _warmup_fit([LearningRateWarmup(0.001, 0.03, 100)])
+    assert torch.equal(by_scheduler.u, by_callback.u) and torch.equal(by_scheduler.v, by_callback.v)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.001 + 0.029 * 0.79)
+
+
+def test_warmup_stops_where_the_sharpness_reaches_the_threshold():
+    """lambda_1 stays ~100 (v is tiny); 2/lr_t falls through 100 between lr(65) and lr(66)."""
+    warmup = LearningRateWarmup(0.001, 0.03, 100, stop_at_threshold=True)
+    monitor = SharpnessMonitor(every_n_steps=1, num_samples=None)
+    _, trainer = _warmup_fit([monitor, warmup], steps=90)
+    # the measurement after step 67 is the first whose threshold 2/lr(66) is below lambda_1
+    assert warmup.stop_step == 67
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(warmup.lr_at(66))
+    ratios = {h["step"]: h["eos/sharpness_ratio"] for h in monitor.history}
+    assert ratios[66] < 1 <= ratios[67]

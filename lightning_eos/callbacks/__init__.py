@@ -9,6 +9,7 @@ Monitors
 Interventions
     :class:`FreezePreconditioner` -- swap in frozen Adam at a given step.
     :class:`OptimizerSwitch` -- GD <-> PHB where the sharpness crosses the MSS (paper 001).
+    :class:`LearningRateWarmup` -- linear warmup, optionally stopped at the MSS (paper 001).
 Events
     :class:`CatapultDetector` -- loss spikes with a sharpness drop (paper 001), as
     :class:`Catapult` records.
@@ -26,12 +27,14 @@ from lightning_eos.callbacks.preconditioned import PreconditionedSharpnessMonito
 from lightning_eos.callbacks.sam_precision import SAMMixedPrecision
 from lightning_eos.callbacks.sharpness import SharpnessMonitor
 from lightning_eos.callbacks.switch import OptimizerSwitch
+from lightning_eos.callbacks.warmup import LearningRateWarmup
 
 __all__ = [
     "Catapult",
     "CatapultDetector",
     "FreezePreconditioner",
     "IASMonitor",
+    "LearningRateWarmup",
     "OptimizerSwitch",
     "PreconditionedSharpnessMonitor",
     "SAMMixedPrecision",
