@@ -103,7 +103,9 @@ def scalar_relu_trajectory(
     the MSS) on, the momentum is :math:`\\beta'` and the learning rate
     :math:`(1+\\beta')\\eta`, and the last displacement :math:`u_t - u_{t-1}` carries
     over: ``momentum=0.9, switch_to=0`` is §3.1's PHB->GD, ``momentum=0,
-    switch_to=0.9`` its GD->PHB.
+    switch_to=0.9`` its GD->PHB. :class:`~lightning_eos.callbacks.OptimizerSwitch` decides
+    on the measured :math:`\\lambda_1(H)` instead, which exceeds :math:`u_t^2` while
+    :math:`v_t \\ne 0`: on Fig. 3's GD->PHB it switches at step 1123, this rule at 1122.
 
     Args:
         u0: :math:`u_0`.

@@ -261,8 +261,15 @@ def sgd_ias_threshold(optimizer: Any, rho_b: float) -> float:
         >>> sgd_ias_threshold(torch.optim.SGD(p, lr=0.5), rho_b=0.25)
         1.0
     """
+    from lightning_eos.optim.momentum import _EMAMomentum
+
     optimizer = _unwrap(optimizer)
     threshold = stability_threshold(optimizer)  # a clear error for unknown optimizers
+    if isinstance(optimizer, _EMAMomentum):
+        raise UnsupportedOptimizerError(
+            "The IAS edge is known for SGD and the generalized momentum of paper 004 "
+            "(HeavyBall, Nesterov, GeneralizedMomentum), not for the EMA forms."
+        )
     if any(g.get("weight_decay", 0) for g in optimizer.param_groups):
         raise UnsupportedOptimizerError(
             "The IAS edge 2 rho_b / eta (paper 004) is known for SGD without weight decay."

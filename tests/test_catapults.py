@@ -261,3 +261,145 @@ def test_warmup_stops_where_the_sharpness_reaches_the_threshold():
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(warmup.lr_at(66))
     ratios = {h["step"]: h["eos/sharpness_ratio"] for h in monitor.history}
     assert ratios[66] < 1 <= ratios[67]
+
+
+# --- the detector's state machine on made-up losses and measurements -------------------
+
+
+def _feed(detector, losses, measured, upto=None, start=0):
+    """Steps start..: the measurement of step t (if any), then the loss of step t."""
+    from types import SimpleNamespace
+
+    if detector._monitor is None:
+        detector._monitor = SimpleNamespace(history=[])
+    history = detector._monitor.history
+    events = []
+    stop = len(losses) if upto is None else upto
+    for t in range(start, stop):
+        if t in measured:
+            history.append({"step": t, "eos/loss": losses[t], **measured[t]})
+        if detector.loss == "measurement":
+            detector._read_measured_losses()
+        else:
+            detector._observe(t, losses[t])
+        events += detector._finalize(history, final=False)
+    if upto is None:
+        if detector._calm is not None:
+            detector._end_spike()
+        events += detector._finalize(history, final=True)
+    return events
+
+
+def _every(n, steps, sharpness, threshold):
+    return {t: {"eos/sharpness": sharpness(t), "eos/threshold": threshold} for t in steps[::n]}
+
+
+OSCILLATING = [1.0] * 5 + [10.0, 1.0, 10.0, 1.0, 8.0] + [0.5] * 15  # one spike, steps 5-9
+
+
+@pytest.mark.parametrize("window", [1, 10], ids=lambda w: f"window={w}")
+def test_an_oscillating_spike_is_one_catapult(window):
+    """window=10 keeps it open; window=1 ends it thrice, and merging joins the pieces."""
+    measured = _every(5, list(range(25)), lambda t: 10.0 if t < 10 else 6.0, 9.5)
+    [event] = _feed(CatapultDetector(window=window), OSCILLATING, measured)
+    assert (event.start_step, event.peak_step, event.end_step) == (4, 5, 10)
+    assert (event.before_step, event.after_step) == (0, 10)
+    assert event.peak_loss == 10.0 and event.sharpness_after == 6.0
+
+
+def test_two_spikes_with_a_measurement_between_are_two_catapults():
+    losses = [1.0] * 5 + [10.0] + [0.5] * 12 + [5.0] + [0.2] * 12
+    measured = _every(5, list(range(31)), lambda t: 10.0 if t < 10 else 8.0 if t < 20 else 6.0, 8.5)
+    first, second = _feed(CatapultDetector(), losses, measured)
+    assert (first.peak_step, first.sharpness_before, first.sharpness_after) == (5, 10.0, 8.0)
+    assert (second.start_step, second.peak_step, second.end_step) == (17, 18, 19)
+    assert (second.sharpness_before, second.sharpness_after) == (8.0, 6.0)
+
+
+def test_a_spike_rising_before_the_last_ones_measurement_is_not_counted_again():
+    """B starts at step 19, before A's after-measurement at 20: its drop would be A's."""
+    losses = [1.0] * 5 + [10.0] + [0.5] * 14 + [0.6, 2.0] + [0.3] * 20
+    measured = _every(20, list(range(42)), lambda t: 10.0 if t < 20 else 6.0, 9.5)
+    [event] = _feed(CatapultDetector(), losses, measured)
+    assert event.peak_step == 5 and event.after_step == 20
+
+
+def test_spikes_far_below_the_mss_or_without_a_drop_are_not_catapults():
+    measured = _every(5, list(range(25)), lambda t: 10.0 if t < 10 else 6.0, 20.0)  # 0.5 MSS
+    assert _feed(CatapultDetector(), OSCILLATING, measured) == []
+    flat = _every(5, list(range(25)), lambda t: 10.0, 9.5)
+    assert _feed(CatapultDetector(), OSCILLATING, flat) == []
+    dead = _every(5, list(range(25)), lambda t: 0.0, 9.5)  # a dead ReLU: no division by 0
+    assert _feed(CatapultDetector(min_ratio=0.0), OSCILLATING, dead) == []
+
+
+def test_the_measurement_loss_source_and_a_resume_mid_spike():
+    import copy
+
+    measured = {
+        t: {"eos/sharpness": 10.0 if t < 10 else 6.0, "eos/threshold": 9.5} for t in range(25)
+    }
+    [event] = _feed(CatapultDetector(loss="measurement"), OSCILLATING, measured)
+    assert (event.start_step, event.peak_step, event.end_step) == (4, 5, 10)
+
+    every = _every(5, list(range(25)), lambda t: 10.0 if t < 10 else 6.0, 9.5)
+    straight = _feed(CatapultDetector(), OSCILLATING, every)
+    first = CatapultDetector()
+    assert _feed(first, OSCILLATING, every, upto=8) == []  # inside the spike
+    resumed = CatapultDetector()
+    resumed.load_state_dict(copy.deepcopy(first.state_dict()))
+    resumed._monitor = copy.deepcopy(first._monitor)
+    assert _feed(resumed, OSCILLATING, every, start=8) == straight
+
+
+class _LossLog(CatapultDetector):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def _observe(self, step, loss):
+        self.seen.append((step, loss))
+        super()._observe(step, loss)
+
+
+def test_the_detector_sees_the_step_loss_under_gradient_accumulation():
+    """Two micro-batches of 25 per step: their mean is the full loss the monitor measures."""
+    from lightning_eos.data import SparseRegressionDataModule
+    from lightning_eos.models import DiagonalLinearNetwork
+
+    task = SupervisedTask(
+        DiagonalLinearNetwork(100, 0.1),
+        loss="half_mse",
+        optimizer=functools.partial(HeavyBall, lr=1e-4, momentum=0.9),
+    )
+    monitor, detector = SharpnessMonitor(every_n_steps=1, num_samples=None), _LossLog()
+    trainer = quiet_trainer(
+        max_steps=6, precision="64-true", callbacks=[monitor, detector], accumulate_grad_batches=2
+    )
+    trainer.fit(task, SparseRegressionDataModule(batch_size=25, dtype="float64"))
+    measured = {h["step"]: h["eos/loss"] for h in monitor.history}
+    assert [s for s, _ in detector.seen] == list(range(6))
+    for step, loss in detector.seen:
+        assert loss == pytest.approx(measured[step], rel=1e-10)
+
+
+def test_monitor_must_log_a_threshold_on_lambda_1_and_the_switch_a_start_to_leave():
+    from lightning_eos.callbacks import PreconditionedSharpnessMonitor
+
+    task = SupervisedTask(
+        ScalarReLUNetwork(U0, V0),
+        loss="half_mse",
+        optimizer=functools.partial(HeavyBall, lr=ETA, momentum=BETA),
+    )
+    adam = SupervisedTask(
+        ScalarReLUNetwork(U0, V0),
+        loss="half_mse",
+        optimizer=functools.partial(torch.optim.Adam, lr=ETA),
+    )
+    data = SinglePointDataModule(x=1.0, y=0.0)
+    with pytest.raises(ValueError, match="PreconditionedSharpnessMonitor logs no threshold"):
+        callbacks = [PreconditionedSharpnessMonitor(), CatapultDetector()]
+        quiet_trainer(max_steps=2, callbacks=callbacks).fit(adam, data)
+    with pytest.raises(ValueError, match="switches from GD"):
+        callbacks = [SharpnessMonitor(), OptimizerSwitch(to="phb")]
+        quiet_trainer(max_steps=2, callbacks=callbacks).fit(task, data)

@@ -13,25 +13,31 @@ if TYPE_CHECKING:
 
 
 def sharpness_monitor(trainer: Trainer, owner: str) -> SharpnessMonitor:
-    """The trainer's first :class:`SharpnessMonitor` (or subclass), whose measurements we read.
+    """The trainer's first monitor that logs :math:`\\lambda_1(H)` with its threshold.
+
+    That is a :class:`SharpnessMonitor`, or an :class:`IASMonitor` with ``sharpness=True``,
+    with ``threshold="auto"`` or a number. A :class:`PreconditionedSharpnessMonitor` does
+    not qualify: its threshold is on :math:`\\lambda_1(P^{-1}H)`.
 
     Raises:
-        ValueError: no monitor is attached, or it logs no threshold.
+        ValueError: no such monitor is attached.
     """
+    from lightning_eos.callbacks.preconditioned import PreconditionedSharpnessMonitor
     from lightning_eos.callbacks.sharpness import SharpnessMonitor
 
     for callback in trainer.callbacks:
-        if isinstance(callback, SharpnessMonitor):
-            if callback.threshold is None:
-                raise ValueError(
-                    f"{owner} compares the sharpness with the optimizer's threshold; the "
-                    "SharpnessMonitor has threshold=None. Use threshold='auto' or a number."
-                )
+        if (
+            isinstance(callback, SharpnessMonitor)
+            and not isinstance(callback, PreconditionedSharpnessMonitor)
+            and getattr(callback, "sharpness", True)
+            and callback.threshold is not None
+        ):
             return callback
     raise ValueError(
-        f"{owner} reads the sharpness that a SharpnessMonitor measures: add "
-        "SharpnessMonitor(every_n_steps=...) to the trainer's callbacks (every_n_steps=1 "
-        "to act at the exact step)."
+        f"{owner} compares the sharpness that a SharpnessMonitor measures with the "
+        "optimizer's threshold: add SharpnessMonitor(every_n_steps=..., threshold='auto') "
+        "to the trainer's callbacks (every_n_steps=1 to act at the exact step). A "
+        "PreconditionedSharpnessMonitor logs no threshold on lambda_1(H)."
     )
 
 

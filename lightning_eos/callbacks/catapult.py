@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -40,6 +41,21 @@ class Catapult:
     ratio_after: float  #: ``sharpness_after`` over the threshold measured with it
     before_step: int  #: the step of the ``sharpness_before`` measurement
     after_step: int  #: the step of the ``sharpness_after`` measurement
+
+
+def _measurements(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The monitor's measurements of :math:`\\lambda_1(H)` with its threshold, by step."""
+    return [h for h in history if "eos/sharpness" in h and "eos/threshold" in h]
+
+
+def _first_at_or_after(measured: list[dict[str, Any]], step: int) -> dict[str, Any] | None:
+    i = bisect.bisect_left([h["step"] for h in measured], step)
+    return measured[i] if i < len(measured) else None
+
+
+def _last_at_or_before(measured: list[dict[str, Any]], step: int) -> dict[str, Any] | None:
+    i = bisect.bisect_right([h["step"] for h in measured], step)
+    return measured[i - 1] if i else None
 
 
 class CatapultDetector(Callback):
@@ -126,7 +142,8 @@ class CatapultDetector(Callback):
         self._calm: list[Any] | None = None  # inside a spike: [step, loss, count] back down
         self._pending: list[dict[str, Any]] = []  # ended spikes waiting for a measurement
         self._step_loss: list[float] = []  # [step, sum, count] of the step being accumulated
-        self._seen: int | None = None  # last monitor measurement read (loss="measurement")
+        self._read = 0  # monitor history entries consumed (loss="measurement")
+        self._last_after: int | None = None  # the measurement after the last finalized spike
         self._batch_step = 0
         self._monitor: Any = None
 
@@ -167,9 +184,11 @@ class CatapultDetector(Callback):
         else:
             loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
             if isinstance(loss, torch.Tensor):  # a step that returned None is not a loss
-                value = trainer.strategy.reduce(loss.detach(), reduce_op="mean")
-                self._add_batch_loss(self._batch_step, float(value))
-        self._finalize(trainer, final=False)
+                value = float(trainer.strategy.reduce(loss.detach(), reduce_op="mean"))
+                if pl_module.automatic_optimization:  # Lightning hands over loss / K
+                    value *= trainer.accumulate_grad_batches
+                self._add_batch_loss(self._batch_step, value)
+        self._emit(trainer, final=False)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: L.LightningModule) -> None:
@@ -179,7 +198,12 @@ class CatapultDetector(Callback):
             self._observe(int(step), total / count)
         if self._calm is not None:  # the loss was back down when training stopped
             self._end_spike()
-        self._finalize(trainer, final=True)
+        self._emit(trainer, final=True)
+
+    def _emit(self, trainer: Trainer, final: bool) -> None:
+        for event in self._finalize(self._monitor.history, final):
+            self.events.append(event)
+            self._log(trainer, event)
 
     def _add_batch_loss(self, step: int, value: float) -> None:
         """Average the micro-batch losses of one step; hand over a step once it is complete."""
@@ -193,12 +217,13 @@ class CatapultDetector(Callback):
         self._step_loss[2] += 1
 
     def _read_measured_losses(self) -> None:
-        for entry in self._monitor.history:
-            if (self._seen is None or entry["step"] > self._seen) and "eos/loss" in entry:
-                self._seen = entry["step"]
+        history = self._monitor.history
+        for entry in history[self._read :]:
+            if "eos/loss" in entry:
                 self._observe(int(entry["step"]), float(entry["eos/loss"]))
+        self._read = len(history)
 
-    # --- the spike state machine ------------------------------------------------------
+    # --- the spike state machine (pure: losses and the monitor's history in, events out) --
 
     def _observe(self, step: int, loss: float) -> None:
         if not math.isfinite(loss):
@@ -227,59 +252,60 @@ class CatapultDetector(Callback):
         self._start = self._peak = self._calm = None
         if self._pending:
             previous = self._pending[-1]
-            after = self._first_measurement_after(previous["end"][0])
-            if after is None or spike["start"][0] < after:
+            after = _first_at_or_after(_measurements(self._monitor.history), previous["end"][0])
+            if after is None or spike["start"][0] < after["step"]:
                 # no measurement between the two: the sharpness cannot tell them apart
                 previous["end"] = spike["end"]
                 previous["peak"] = max(previous["peak"], spike["peak"], key=lambda p: p[1])
                 return
         self._pending.append(spike)
 
-    def _first_measurement_after(self, step: int) -> int | None:
-        steps = [h["step"] for h in self._monitor.history if h["step"] >= step]
-        return steps[0] if steps else None
-
-    def _finalize(self, trainer: Trainer, final: bool) -> None:
-        """Turn ended spikes into catapults once the sharpness after them is measured."""
-        history = self._monitor.history
-        waiting = []
+    def _finalize(self, history: list[dict[str, Any]], final: bool) -> list[Catapult]:
+        """The ended spikes that are catapults, once the sharpness after them is measured."""
+        if not self._pending:
+            return []
+        measured = _measurements(history)
+        waiting, events = [], []
         for spike in self._pending:
             (start, start_loss), (peak, peak_loss), (end, _) = (
                 spike["start"],
                 spike["peak"],
                 spike["end"],
             )
-            before = [h for h in history if h["step"] <= start and "eos/threshold" in h]
-            after = [h for h in history if h["step"] >= end and "eos/threshold" in h]
-            rising = self._start is not None and (not after or self._start[0] < after[0]["step"])
-            if (not after or (rising and spike is self._pending[-1])) and not final:
+            last = _first_at_or_after(measured, end)
+            rising = self._start is not None and (last is None or self._start[0] < last["step"])
+            if (last is None or (rising and spike is self._pending[-1])) and not final:
                 waiting.append(spike)  # wait for the sharpness after it, and for a spike
                 continue  # that began before that measurement (it is merged into this one)
-            if not before or not after:
+            if self._last_after is not None and start < self._last_after:
+                continue  # began before the last spike's measurement: part of that spike
+            first = _last_at_or_before(measured, start)
+            if first is None or last is None:
                 continue  # no measurement brackets this spike
-            first, last = before[-1], after[0]
-            drop = 1.0 - last["eos/sharpness"] / first["eos/sharpness"]
-            if drop < self.min_sharpness_drop:
-                continue  # a loss spike without a sharpness reduction is not a catapult
-            if first["eos/sharpness"] < self.min_ratio * first["eos/threshold"]:
+            self._last_after = last["step"]
+            before, after = first["eos/sharpness"], last["eos/sharpness"]
+            if before <= 0 or before < self.min_ratio * first["eos/threshold"]:
                 continue  # far below the MSS: not the instability that throws a catapult
-            event = Catapult(
-                start_step=start,
-                peak_step=peak,
-                end_step=end,
-                start_loss=start_loss,
-                peak_loss=peak_loss,
-                sharpness_before=first["eos/sharpness"],
-                sharpness_after=last["eos/sharpness"],
-                threshold=first["eos/threshold"],
-                ratio_before=first["eos/sharpness"] / first["eos/threshold"],
-                ratio_after=last["eos/sharpness"] / last["eos/threshold"],
-                before_step=first["step"],
-                after_step=last["step"],
+            if 1.0 - after / before < self.min_sharpness_drop:
+                continue  # a loss spike without a sharpness reduction is not a catapult
+            events.append(
+                Catapult(
+                    start_step=start,
+                    peak_step=peak,
+                    end_step=end,
+                    start_loss=start_loss,
+                    peak_loss=peak_loss,
+                    sharpness_before=before,
+                    sharpness_after=after,
+                    threshold=first["eos/threshold"],
+                    ratio_before=before / first["eos/threshold"],
+                    ratio_after=after / last["eos/threshold"],
+                    before_step=first["step"],
+                    after_step=last["step"],
+                )
             )
-            self.events.append(event)
-            self._log(trainer, event)
         self._pending = waiting
+        return events
 
     def _log(self, trainer: Trainer, event: Catapult) -> None:
         metrics = {
@@ -306,7 +332,8 @@ class CatapultDetector(Callback):
             "calm": self._calm,
             "pending": list(self._pending),
             "step_loss": list(self._step_loss),
-            "seen": self._seen,
+            "read": self._read,
+            "last_after": self._last_after,
         }
 
     @override
@@ -315,4 +342,5 @@ class CatapultDetector(Callback):
         self._floor, self._peak = state_dict.get("floor"), state_dict.get("peak")
         self._start, self._pending = state_dict.get("start"), list(state_dict.get("pending", []))
         self._calm = state_dict.get("calm")
-        self._step_loss, self._seen = list(state_dict.get("step_loss", [])), state_dict.get("seen")
+        self._step_loss = list(state_dict.get("step_loss", []))
+        self._read, self._last_after = state_dict.get("read", 0), state_dict.get("last_after")

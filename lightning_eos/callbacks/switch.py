@@ -50,8 +50,8 @@ class OptimizerSwitch(Callback):
         direction: which crossing counts (see above).
 
     Example:
-        >>> OptimizerSwitch(to="gd").state_key
-        "OptimizerSwitch{'to': 'gd', 'when': 'sharpness_crosses_threshold'}"
+        >>> OptimizerSwitch(to="gd", when=500).state_key.startswith("OptimizerSwitch{'to': 'gd'")
+        True
     """
 
     def __init__(
@@ -78,7 +78,9 @@ class OptimizerSwitch(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(to=self.to, when=self.when)
+        return self._generate_state_key(
+            to=self.to, momentum=self.momentum, when=self.when, direction=self.direction
+        )
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: L.LightningModule) -> None:
@@ -89,6 +91,14 @@ class OptimizerSwitch(Callback):
                 "(momentum=0) and PHB; train with HeavyBall(params, lr, momentum=..., "
                 "match_gd=True) as the only optimizer."
             )
+        if self.switch_step is None:  # a resumed run may have switched already
+            momentum = float(unwrap_optimizer(optimizers[0]).param_groups[0]["momentum"])
+            if (momentum > 0) == (self.to == "phb"):
+                start = "GD (momentum=0)" if self.to == "phb" else "PHB (momentum > 0)"
+                raise ValueError(
+                    f"{type(self).__name__}(to={self.to!r}) switches from {start}, but the "
+                    f"HeavyBall starts with momentum={momentum}."
+                )
         if self.when == "sharpness_crosses_threshold":
             self._monitor = sharpness_monitor(trainer, type(self).__name__)
 

@@ -46,8 +46,8 @@ class LearningRateWarmup(Callback):
     ) -> None:
         if not (lr_initial >= 0 and lr_final >= 0):
             raise ValueError(f"Learning rates must be nonnegative: {lr_initial}, {lr_final}.")
-        if steps < 1:
-            raise ValueError(f"steps={steps} must be at least 1.")
+        if not (isinstance(steps, int) and steps >= 1):
+            raise ValueError(f"steps={steps!r} must be an integer of at least 1.")
         self.lr_initial, self.lr_final, self.steps = lr_initial, lr_final, steps
         self.stop_at_threshold = stop_at_threshold
         self.stop_step: int | None = None
@@ -59,7 +59,10 @@ class LearningRateWarmup(Callback):
     @override
     def state_key(self) -> str:
         return self._generate_state_key(
-            lr_initial=self.lr_initial, lr_final=self.lr_final, steps=self.steps
+            lr_initial=self.lr_initial,
+            lr_final=self.lr_final,
+            steps=self.steps,
+            stop_at_threshold=self.stop_at_threshold,
         )
 
     def lr_at(self, step: int) -> float:
@@ -69,6 +72,11 @@ class LearningRateWarmup(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.lr_scheduler_configs:
+            raise ValueError(
+                f"{type(self).__name__} sets the lr itself; remove the lr scheduler, or use "
+                "lightning_eos.optim.LinearWarmup as the scheduler instead."
+            )
         if self.stop_at_threshold:
             self._monitor = sharpness_monitor(trainer, type(self).__name__)
         self._set_lr(trainer, self._lr_now(trainer.global_step))  # before any measurement
