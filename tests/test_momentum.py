@@ -335,11 +335,16 @@ def test_heavy_ball_and_nesterov_refuse_a_lookahead():
         EMAHeavyBall([p], lr=0.1, match_gd="yes")
 
 
-def test_sgd_ias_threshold_refuses_weight_decay_on_momentum_optimizers():
+def test_sgd_ias_threshold_refuses_weight_decay_and_the_ema_forms():
     p = [torch.nn.Parameter(torch.zeros(1))]
     assert T.sgd_ias_threshold(HeavyBall(p, lr=0.1, match_gd=True), 0.5) == pytest.approx(10.0)
+    nesterov = Nesterov(p, lr=0.1, momentum=0.5)  # paper 004's gamma(beta, beta) = 1.5/2
+    assert T.sgd_ias_threshold(nesterov, 0.5) == pytest.approx(0.5 * 20 * 1.5 / 2)
     with pytest.raises(T.UnsupportedOptimizerError, match="weight decay"):
         T.sgd_ias_threshold(HeavyBall(p, lr=0.1, weight_decay=0.1), 0.5)
+    for ema in (EMAHeavyBall, EMANesterov):  # no IAS edge for them in paper 004
+        with pytest.raises(T.UnsupportedOptimizerError, match="EMA forms"):
+            T.sgd_ias_threshold(ema(p, lr=0.1), 0.5)
 
 
 # ----------------------------------------------------------------------------- GD <-> PHB
