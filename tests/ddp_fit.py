@@ -18,9 +18,15 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from lightning_eos.callbacks import IASMonitor, PreconditionedSharpnessMonitor, SharpnessMonitor
+from lightning_eos.callbacks import (
+    CatapultDetector,
+    IASMonitor,
+    OptimizerSwitch,
+    PreconditionedSharpnessMonitor,
+    SharpnessMonitor,
+)
 from lightning_eos.data import DigitsDataModule
-from lightning_eos.optim import SAM
+from lightning_eos.optim import SAM, HeavyBall
 
 
 class Net(L.LightningModule):
@@ -33,6 +39,7 @@ class Net(L.LightningModule):
         sam: bool = False,
         per_replica: bool = False,
         momentum: float = 0.9,
+        heavy_ball: bool = False,
     ):
         super().__init__()
         norm = nn.BatchNorm1d(16) if batchnorm else nn.Identity()
@@ -40,7 +47,7 @@ class Net(L.LightningModule):
             nn.Linear(64, 16), norm, nn.Tanh(), nn.Dropout(dropout), nn.Linear(16, 10)
         )
         self.lr, self.adam, self.sam, self.per_replica = lr, adam, sam, per_replica
-        self.momentum = momentum
+        self.momentum, self.heavy_ball = momentum, heavy_ball
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -59,6 +66,8 @@ class Net(L.LightningModule):
             )
         if self.adam:
             return torch.optim.Adam(self.parameters(), lr=1e-2)
+        if self.heavy_ball:  # MSS 2/lr; lambda_1 starts above it and drops below by step ~9
+            return HeavyBall(self.parameters(), lr=self.lr, momentum=0.9, match_gd=True)
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
@@ -110,7 +119,7 @@ def main() -> None:
 
     L.seed_everything(0, verbose=False)
     scenario = args.scenario
-    full_batch = scenario in ("exact", "bn", "adam", "sam", "sam-replica", "ias")
+    full_batch = scenario in ("exact", "bn", "adam", "sam", "sam-replica", "ias", "switch")
     data = DigitsDataModule(
         num_train=200,
         num_val=50,
@@ -121,15 +130,16 @@ def main() -> None:
     model = Net(
         batchnorm=scenario in ("bn", "perturb"),
         dropout=0.2 if scenario == "perturb" else 0.0,
-        lr=1e-12 if scenario == "bn" else 0.5,
+        lr={"bn": 1e-12, "switch": 3.0}.get(scenario, 0.5),
         adam=scenario == "adam",
         sam=scenario.startswith("sam"),
         per_replica=scenario == "sam-replica",
+        heavy_ball=scenario == "switch",
         momentum=0.0 if scenario == "ias" else 0.9,  # the loss change takes plain SGD steps
     )
     monitor_type = PreconditionedSharpnessMonitor if scenario == "adam" else SharpnessMonitor
     monitor = monitor_type(
-        every_n_steps=2,
+        every_n_steps=1 if scenario == "switch" else 2,
         top_k=2,
         num_samples=100,
         chunk_size=30,  # 30, 30, 30, 10: uneven shards of 60 and 40 samples
@@ -160,6 +170,9 @@ def main() -> None:
     read_b = IASMonitor(every_n_steps=3, measure_at_start=False, sharpness=False)
     if scenario == "ias":
         callbacks.append(read_b)
+    switch, detector = OptimizerSwitch(to="gd"), CatapultDetector()
+    if scenario == "switch":  # PHB -> GD where lambda_1 crosses the MSS, and the step losses
+        callbacks += [switch, detector]
     probe = WarmStartProbe(monitor, at_step=4)
     if scenario.startswith("resume"):
         callbacks = [ScrambleOtherRanks(monitor), *callbacks, probe]
@@ -177,6 +190,7 @@ def main() -> None:
             "adam": 4,
             "sam": 4,
             "sam-replica": 2,
+            "switch": 12,
             "bn": 1,
             "perturb": 6,
             "nan": 6,
@@ -202,9 +216,12 @@ def main() -> None:
             "params": {k: v.clone() for k, v in model.state_dict().items()},
             "grads": [p.grad.clone() for p in model.parameters()],
             "momentum": [
-                s.get("momentum_buffer", s.get("exp_avg")).clone() for s in optimizer.state.values()
+                next(s[k] for k in ("momentum_buffer", "exp_avg", "displacement") if k in s).clone()
+                for s in optimizer.state.values()
             ],
             "rng": (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()),
+            "switch_step": switch.switch_step,
+            "loss_floor": detector._floor,  # (step, lowest step loss): the global mean loss
         },
         out / f"rank{trainer.global_rank}.pt",
     )

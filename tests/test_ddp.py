@@ -187,6 +187,20 @@ def test_per_replica_sam_ascends_along_each_shard_and_averages_the_second_gradie
         torch.testing.assert_close(value, p.detach(), rtol=0, atol=1e-6)
 
 
+def test_optimizer_switch_and_catapult_detector_under_ddp_act_as_one_process(tmp_path):
+    """PHB -> GD at the MSS crossing: the same step on every rank and in one process."""
+    (single,) = _fit(tmp_path / "one", "switch", devices=1)
+    ranks = _fit(tmp_path / "two", "switch", 2)
+    assert single["switch_step"] is not None and 1 < single["switch_step"] < 12
+    for rank in ranks:
+        assert rank["switch_step"] == single["switch_step"]
+        step, loss = rank["loss_floor"]  # the detector saw the mean loss over both shards
+        assert step == single["loss_floor"][0]
+        assert loss == pytest.approx(single["loss_floor"][1], rel=1e-5)
+        for name, value in single["params"].items():
+            torch.testing.assert_close(rank["params"][name], value, rtol=1e-4, atol=1e-6)
+
+
 def test_batchnorm_chunks_are_the_same_across_ranks(tmp_path):
     _fit(tmp_path / "one", "bn", devices=1)
     _fit(tmp_path / "two", "bn", devices=2)
