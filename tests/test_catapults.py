@@ -403,3 +403,24 @@ def test_monitor_must_log_a_threshold_on_lambda_1_and_the_switch_a_start_to_leav
     with pytest.raises(ValueError, match="switches from GD"):
         callbacks = [SharpnessMonitor(), OptimizerSwitch(to="phb")]
         quiet_trainer(max_steps=2, callbacks=callbacks).fit(task, data)
+
+
+def test_the_detector_does_not_change_the_run():
+    """Digits, SGD with momentum, 20 steps: bit-identical parameters with and without it."""
+    from lightning_eos.data import DigitsDataModule
+    from lightning_eos.models import FCN
+
+    def run(extra):
+        torch.manual_seed(0)
+        task = SupervisedTask(
+            FCN(64, 10, width=32, depth=2, activation="tanh"),
+            loss="mse",
+            optimizer=functools.partial(torch.optim.SGD, lr=0.5, momentum=0.9),
+        )
+        monitor = SharpnessMonitor(every_n_steps=3, num_samples=200)
+        trainer = quiet_trainer(max_steps=20, callbacks=[monitor, *extra])
+        trainer.fit(task, DigitsDataModule(num_train=300, num_val=50, batch_size=64, shuffle=True))
+        return [p.detach().clone() for p in task.parameters()], torch.get_rng_state()
+
+    (plain, rng), (watched, rng_watched) = run([]), run([CatapultDetector()])
+    assert all(torch.equal(a, b) for a, b in zip(plain, watched)) and torch.equal(rng, rng_watched)
