@@ -5,9 +5,16 @@ Embedded
 Synthetic (paper 001)
     :class:`SparseRegressionDataModule` -- App. B; :class:`Rank2DataModule` -- App. E.3.1;
     :class:`SinglePointDataModule` -- one example, for the toys of §3.1 and App. E.6.
+Images (torchvision's real loaders, seeded class-balanced subsets as tensors)
+    :class:`CIFARDataModule` -- CIFAR-10/100 (papers 001, 002);
+    :class:`MNISTDataModule` -- MNIST (paper 003's MLP);
+    :class:`ImageNetSubsetDataModule` -- a few ImageNet classes at low resolution.
 """
 
+from lightning_eos.data.cifar import CIFARDataModule
 from lightning_eos.data.digits import DigitsDataModule
+from lightning_eos.data.imagenet import ImageNetSubsetDataModule
+from lightning_eos.data.mnist import MNISTDataModule
 from lightning_eos.data.synthetic import (
     Rank2DataModule,
     SinglePointDataModule,
@@ -21,4 +28,8 @@ __all__ = [
     "Rank2DataModule",
     "SinglePointDataModule",
     "SparseRegressionDataModule",
+    # Images
+    "CIFARDataModule",
+    "ImageNetSubsetDataModule",
+    "MNISTDataModule",
 ]

@@ -1,7 +1,14 @@
 """Models: the papers' architectures and a supervised LightningModule.
 
-Networks
-    :class:`FCN`
+Fully connected networks
+    :class:`FCN` -- :meth:`FCN.paper002` (5x200 tanh, App. G.1), :meth:`FCN.paper001`
+    (3-layer ReLU, §2.2); :func:`lecun_normal_` -- weights :math:`N(0, 1/\\text{fan\\_in})`.
+Convolutional networks
+    :class:`PaperCNN` -- paper 002, App. G.1; :class:`SixCNN` -- paper 004's 6CNN (0.51M).
+Residual networks
+    :class:`ResNet20` -- He et al. CIFAR (paper 001); :class:`ResNet9` -- paper 004 (2.3M);
+    :class:`WideResNet`, :func:`wrn_28_2` (paper 004), :func:`wrn_28_10` (paper 002);
+    :func:`resnet50` -- torchvision (paper 002, Fig. 6).
 Toy models (paper 001)
     :class:`DiagonalLinearNetwork` -- eq. (2); :class:`ScalarReLUNetwork` -- §3.1.
 Tasks
@@ -9,7 +16,9 @@ Tasks
     :func:`classification_loss`
 """
 
-from lightning_eos.models.fcn import FCN
+from lightning_eos.models.cnn import PaperCNN, SixCNN
+from lightning_eos.models.fcn import FCN, lecun_normal_
+from lightning_eos.models.resnet import ResNet9, ResNet20, WideResNet, resnet50, wrn_28_2, wrn_28_10
 from lightning_eos.models.task import (
     SupervisedTask,
     classification_loss,
@@ -19,8 +28,19 @@ from lightning_eos.models.task import (
 from lightning_eos.models.toy import DiagonalLinearNetwork, ScalarReLUNetwork
 
 __all__ = [
-    # Networks
+    # Fully connected networks
     "FCN",
+    "lecun_normal_",
+    # Convolutional networks
+    "PaperCNN",
+    "SixCNN",
+    # Residual networks
+    "ResNet20",
+    "ResNet9",
+    "WideResNet",
+    "resnet50",
+    "wrn_28_2",
+    "wrn_28_10",
     # Toy models (paper 001)
     "DiagonalLinearNetwork",
     "ScalarReLUNetwork",
