@@ -10,6 +10,8 @@ Interventions
     :class:`FreezePreconditioner` -- swap in frozen Adam at a given step.
     :class:`OptimizerSwitch` -- GD <-> PHB where the sharpness crosses the MSS (paper 001).
     :class:`LearningRateWarmup` -- linear warmup, optionally stopped at the MSS (paper 001).
+Training
+    :class:`FullBatchAccumulation` -- full-batch GD over equal chunks (gradient accumulation).
 Events
     :class:`CatapultDetector` -- loss spikes with a sharpness drop (paper 001), as
     :class:`Catapult` records.
@@ -21,6 +23,7 @@ Figures
 
 from lightning_eos.callbacks.catapult import Catapult, CatapultDetector
 from lightning_eos.callbacks.freeze import FreezePreconditioner
+from lightning_eos.callbacks.full_batch import FullBatchAccumulation
 from lightning_eos.callbacks.ias import IASMonitor
 from lightning_eos.callbacks.plot import SharpnessPlot
 from lightning_eos.callbacks.preconditioned import PreconditionedSharpnessMonitor
@@ -33,6 +36,7 @@ __all__ = [
     "Catapult",
     "CatapultDetector",
     "FreezePreconditioner",
+    "FullBatchAccumulation",
     "IASMonitor",
     "LearningRateWarmup",
     "OptimizerSwitch",

@@ -30,6 +30,12 @@ if TYPE_CHECKING:
     from lightning.pytorch import Trainer
 
 
+def _full_batch(trainer: Trainer) -> bool:
+    from lightning_eos.callbacks.full_batch import FullBatchAccumulation
+
+    return any(isinstance(c, FullBatchAccumulation) for c in trainer.callbacks)
+
+
 def _loader_batch(loader: Any) -> tuple[int | None, bool, int | None, str]:
     """(batch size, with replacement, dataset size, how batches are drawn) of a loader.
 
@@ -277,13 +283,15 @@ class IASMonitor(SharpnessMonitor):
             if population is None:
                 raise ValueError("IASMonitor cannot tell the training set size; pass `population`.")
             b = self.batch_size
+            if b is None and _full_batch(trainer):
+                b = population  # every step accumulates all chunks of the training set
             if b is None:
                 if size is None:
                     raise ValueError("IASMonitor cannot read the batch size; pass `batch_size`.")
                 b = size * trainer.world_size * trainer.accumulate_grad_batches
             replacement = self.replacement if self.replacement is not None else replacement
             b = b if replacement else min(b, population)
-            if how == "sequential" and b < population:
+            if how == "sequential" and b < population:  # b = n: a full pass, in any order
                 rank_zero_warn(
                     "IASMonitor: the training batches are a fixed partition (no shuffling), "
                     "not uniform draws; the IAS describes uniformly drawn batches of b."
