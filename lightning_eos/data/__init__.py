@@ -9,12 +9,16 @@ Images (torchvision's real loaders, seeded class-balanced subsets as tensors)
     :class:`CIFARDataModule` -- CIFAR-10/100 (papers 001, 002);
     :class:`MNISTDataModule` -- MNIST (paper 003's MLP);
     :class:`ImageNetSubsetDataModule` -- a few ImageNet classes at low resolution.
+Text
+    :class:`CharLMDataModule` -- character-level LM from a local file (tiny-shakespeare,
+    paper 003).
 """
 
 from lightning_eos.data.cifar import CIFARDataModule
 from lightning_eos.data.digits import DigitsDataModule
 from lightning_eos.data.imagenet import ImageNetSubsetDataModule
 from lightning_eos.data.mnist import MNISTDataModule
+from lightning_eos.data.shakespeare import CharLMDataModule
 from lightning_eos.data.synthetic import (
     Rank2DataModule,
     SinglePointDataModule,
@@ -32,4 +36,6 @@ __all__ = [
     "CIFARDataModule",
     "ImageNetSubsetDataModule",
     "MNISTDataModule",
+    # Text
+    "CharLMDataModule",
 ]
