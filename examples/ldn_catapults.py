@@ -49,10 +49,7 @@ def final_test_loss(alpha: float, eta_f: float, momentum: float, seed: int = 0) 
     """Train one LDN from alpha * 1 (warmup, then as many steps at eta_f); its test loss."""
     data = SparseRegressionDataModule(seed=seed, dtype="float64")
     data.setup()
-    net = DiagonalLinearNetwork(data.dim, alpha).double()
-    with torch.no_grad():
-        net.u.fill_(alpha)
-        net.v.fill_(alpha)
+    net = DiagonalLinearNetwork(data.dim, alpha, dtype="float64")
     optimizer = HeavyBall(net.parameters(), lr=ETA_INITIAL, momentum=momentum, match_gd=True)
     steps = warmup_steps(eta_f)
     schedule = LinearWarmup(optimizer, ETA_INITIAL, eta_f, steps)
@@ -94,10 +91,7 @@ class StepLosses(Callback):
 
 def lightning_run(alpha: float, eta_f: float, momentum: float, every: int) -> dict:
     """One run under Lightning: sharpness against the MSS and the catapults found."""
-    net = DiagonalLinearNetwork(100, alpha).double()
-    with torch.no_grad():
-        net.u.fill_(alpha)
-        net.v.fill_(alpha)
+    net = DiagonalLinearNetwork(100, alpha, dtype="float64")
     steps = warmup_steps(eta_f)
     task = SupervisedTask(
         net,

@@ -21,7 +21,6 @@ import functools
 from pathlib import Path
 
 import numpy as np
-import torch
 from lightning.pytorch import Callback, Trainer
 
 from lightning_eos.analysis import scalar_relu_trajectory, theorem2_bound
@@ -59,9 +58,7 @@ class Iterates(Callback):
 
 
 def run(momentum: float, to: str | None, steps: int) -> dict:
-    net = ScalarReLUNetwork(U0, V0).double()
-    with torch.no_grad():
-        net.v.fill_(V0)  # exactly 1e-6, not its float32 rounding
+    net = ScalarReLUNetwork(U0, V0, dtype="float64")  # v0 exactly 1e-6
     optimizer = functools.partial(HeavyBall, lr=ETA, momentum=momentum, match_gd=True)
     task = SupervisedTask(net, loss="half_mse", optimizer=optimizer)
     monitor = SharpnessMonitor(every_n_steps=1, num_samples=None, tol=1e-10, stop_rule="residual")

@@ -62,10 +62,7 @@ def reference(before: float, after: float | None, steps: int, eta: float = ETA) 
 
 
 def scalar_net() -> ScalarReLUNetwork:
-    model = ScalarReLUNetwork(U0, V0).double()
-    with torch.no_grad():
-        model.v.fill_(V0)  # v0 = 1e-6 exactly, not its float32 rounding
-    return model
+    return ScalarReLUNetwork(U0, V0, dtype="float64")  # v0 = 1e-6 exactly
 
 
 def fit(before: float, to: str | None, steps: int, eta: float = ETA, extra=(), logger=False):

@@ -15,10 +15,26 @@ Hessian code of :mod:`lightning_eos.curvature`). With the half-MSE loss
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor, nn
 
 __all__ = ["DiagonalLinearNetwork", "ScalarReLUNetwork"]
+
+
+DType = Literal["float32", "float64"]
+
+
+def _dtype(name: DType) -> torch.dtype:
+    """The parameters' dtype.
+
+    Build float64 toys with ``dtype="float64"``, not ``.double()``, which would keep the
+    float32 rounding of the initial values (1e-6 is not exact in float32).
+    """
+    if name not in ("float32", "float64"):
+        raise ValueError(f"dtype={name!r}; choose 'float32' or 'float64'.")
+    return torch.float64 if name == "float64" else torch.float32
 
 
 class DiagonalLinearNetwork(nn.Module):
@@ -51,6 +67,7 @@ class DiagonalLinearNetwork(nn.Module):
         alpha: initialization scale :math:`\\alpha` of both ``u`` and ``v``.
         u0: if given, every coordinate of ``u`` starts here instead of at ``alpha``.
         v0: if given, every coordinate of ``v`` starts here instead of at ``alpha``.
+        dtype: ``"float32"`` or ``"float64"`` (exact float64 initial values).
 
     Example:
         The LDN loss :math:`\\tfrac12(u^2-v^2-1)^2` and its Hessian, eq. (17):
@@ -78,13 +95,15 @@ class DiagonalLinearNetwork(nn.Module):
         alpha: float = 0.1,
         u0: float | None = None,
         v0: float | None = None,
+        dtype: DType = "float32",
     ) -> None:
         super().__init__()
         if dim < 1:
             raise ValueError(f"dim={dim}; the network needs at least one input dimension.")
         self.dim = dim
-        self.u = nn.Parameter(torch.full((dim,), float(alpha if u0 is None else u0)))
-        self.v = nn.Parameter(torch.full((dim,), float(alpha if v0 is None else v0)))
+        kind = _dtype(dtype)
+        self.u = nn.Parameter(torch.full((dim,), float(alpha if u0 is None else u0), dtype=kind))
+        self.v = nn.Parameter(torch.full((dim,), float(alpha if v0 is None else v0), dtype=kind))
 
     def weights(self) -> Tensor:
         """The linear coefficients :math:`\\mathbf{w}` (eq. 2), detached."""
@@ -119,6 +138,7 @@ class ScalarReLUNetwork(nn.Module):
     Args:
         u0: initial :math:`u` (10 in paper 001, Fig. 3).
         v0: initial :math:`v` (:math:`10^{-6}` in Fig. 3).
+        dtype: ``"float32"`` or ``"float64"`` (exact float64 initial values).
 
     Example:
         >>> import torch
@@ -135,10 +155,10 @@ class ScalarReLUNetwork(nn.Module):
         True
     """
 
-    def __init__(self, u0: float = 10.0, v0: float = 1e-6) -> None:
+    def __init__(self, u0: float = 10.0, v0: float = 1e-6, dtype: DType = "float32") -> None:
         super().__init__()
-        self.u = nn.Parameter(torch.tensor([float(u0)]))
-        self.v = nn.Parameter(torch.tensor([float(v0)]))
+        self.u = nn.Parameter(torch.tensor([float(u0)], dtype=_dtype(dtype)))
+        self.v = nn.Parameter(torch.tensor([float(v0)], dtype=_dtype(dtype)))
 
     def forward(self, x: Tensor) -> Tensor:
         """:math:`v\\,\\mathrm{relu}(u x_i)` of inputs ``(n,)`` or ``(n, 1)``, shape ``(n,)``."""
