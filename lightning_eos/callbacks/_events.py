@@ -41,6 +41,12 @@ def sharpness_monitor(trainer: Trainer, owner: str) -> SharpnessMonitor:
     )
 
 
+def new_measurement(monitor: SharpnessMonitor, seen: int | None) -> dict[str, Any] | None:
+    """The monitor's latest measurement if it is newer than step ``seen``, else ``None``."""
+    history = monitor.history
+    return history[-1] if history and history[-1]["step"] != seen else None
+
+
 def log_event(
     trainer: Trainer,
     step: int,

@@ -8,7 +8,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_eos.callbacks._events import log_event, sharpness_monitor
+from lightning_eos.callbacks._events import log_event, new_measurement, sharpness_monitor
 from lightning_eos.optim import HeavyBall, unwrap_optimizer
 
 if TYPE_CHECKING:
@@ -113,10 +113,9 @@ class OptimizerSwitch(Callback):
             if step >= self.when:
                 self._switch(trainer, step, {})
             return
-        history = self._monitor.history
-        if not history or history[-1]["step"] == self._seen:
+        latest = new_measurement(self._monitor, self._seen)
+        if latest is None:
             return
-        latest = history[-1]
         self._seen = latest["step"]
         if "eos/threshold" not in latest:
             return

@@ -8,7 +8,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_eos.callbacks._events import sharpness_monitor
+from lightning_eos.callbacks._events import new_measurement, sharpness_monitor
 from lightning_eos.optim import unwrap_optimizer
 
 if TYPE_CHECKING:
@@ -95,9 +95,8 @@ class LearningRateWarmup(Callback):
         self, trainer: Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._frozen_lr is None and self.stop_at_threshold:
-            history = self._monitor.history
-            latest = history[-1] if history else None
-            if latest is not None and latest["step"] != self._seen:
+            latest = new_measurement(self._monitor, self._seen)
+            if latest is not None:
                 self._seen = latest["step"]
                 threshold = latest.get("eos/threshold")
                 if threshold is not None and latest["eos/sharpness"] >= threshold:
