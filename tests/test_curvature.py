@@ -225,3 +225,53 @@ def test_finite_difference_products_are_close_to_exact(kind, loss, dtype, bound)
         exact = length * (dense @ v)
         assert ((hv - exact).norm() / exact.norm()).item() < bound
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # restored bitwise
+
+
+class _TinyAttention(nn.Module):
+    """Self-attention (torch's fused SDPA inside) pooled into a scalar regression output."""
+
+    def __init__(self, dim: int = 4, heads: int = 2) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.head = nn.Linear(dim, 1)
+
+    def forward(self, x):
+        out = self.attention(x, x, x, need_weights=False)[0]
+        return self.head(out.mean(1)).squeeze(-1)
+
+
+def _attention_by_hand(model: _TinyAttention, flat: torch.Tensor, x: torch.Tensor):
+    """The same function as ``_TinyAttention`` written out with softmax(QK^T/sqrt(d))V."""
+    shapes = [p.shape for p in model.parameters()]
+    w_in, b_in, w_out, b_out, w_head, b_head = torch.split(flat, [s.numel() for s in shapes])
+    dim, heads = model.attention.embed_dim, model.attention.num_heads
+    w_in, w_out, w_head = w_in.view(3 * dim, dim), w_out.view(dim, dim), w_head.view(1, dim)
+    q, k, v = (x @ w_in.T + b_in).split(dim, -1)
+    n, t, d = x.shape[0], x.shape[1], dim // heads
+    q, k, v = (z.view(n, t, heads, d).transpose(1, 2) for z in (q, k, v))
+    weights = torch.softmax(q @ k.transpose(-1, -2) / d**0.5, -1)
+    out = (weights @ v).transpose(1, 2).reshape(n, t, dim) @ w_out.T + b_out
+    return (out.mean(1) @ w_head.T + b_head).squeeze(-1)
+
+
+def test_attention_models_are_measured_on_the_math_kernel():
+    """torch's fused CPU attention kernel has no double backward; a measurement must still
+    give the exact Hessian (the operator evaluates the loss with the math kernel)."""
+    torch.manual_seed(0)
+    model = _TinyAttention().double()
+    x, y = torch.randn(6, 3, 4, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    loss_fn = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()  # noqa: E731
+    grad = torch.autograd.grad(loss_fn(model, (x, y)), list(model.parameters()), create_graph=True)
+    with pytest.raises(RuntimeError, match="not implemented"):  # why the context is needed
+        torch.autograd.grad(sum(g.sum() for g in grad), list(model.parameters()))
+
+    flat0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    dense = torch.autograd.functional.hessian(
+        lambda f: ((_attention_by_hand(model, f, x) - y) ** 2).mean(), flat0
+    )
+    for method in ("double_backward", "forward_over_reverse"):
+        op = HessianOperator(model, loss_fn, [(x[:4], y[:4]), (x[4:], y[4:])], method=method)
+        v = torch.randn(op.dim, dtype=torch.float64)
+        torch.testing.assert_close(op.matvec(v), dense @ v, rtol=1e-9, atol=1e-10)
+    top = lanczos(HessianOperator(model, loss_fn, [(x, y)]), k=1, tol=1e-10).eigenvalues[0]
+    torch.testing.assert_close(top, torch.linalg.eigvalsh(dense)[-1], rtol=1e-8, atol=1e-10)

@@ -178,7 +178,7 @@ class GradientMoments:
     def _grads(self, index: int, batch: object) -> Tensor:
         """Rows :math:`g_i` of the samples of ``batch`` (a slice of chunk ``index``)."""
         op = self.hessian
-        with preserved_rng(op.model), op._no_autocast():
+        with preserved_rng(op.model), op._loss_context():
             seed_all(op.seed + index)
             if self.vectorize:
                 try:
@@ -330,7 +330,7 @@ def loss_at(hessian: HessianOperator, shift: Tensor) -> float:
         with torch.no_grad():
             for i, weight in enumerate(op.weights):
                 chunk = op._prepare(op.chunks[i])
-                with preserved_rng(op.model), op._no_autocast():
+                with preserved_rng(op.model), op._loss_context():
                     seed_all(op.seed + i)
                     loss = torch.func.functional_call(wrapper, shifted, (chunk,), strict=False)
                 if not torch.isfinite(loss):

@@ -48,12 +48,13 @@ Three ways to compute :math:`Hv`:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_eos.curvature._batches import batch_size
 from lightning_eos.curvature.context import preserved_rng, seed_all
@@ -117,7 +118,8 @@ class HessianOperator:
         fd_eps: the finite-difference step (default: see the module docstring).
 
     The loss is evaluated in float32 semantics with autocast disabled, whatever the
-    ambient precision context.
+    ambient precision context, and with scaled-dot-product attention on its math kernel
+    (the fused kernels have no double backward).
 
     Example:
         >>> _ = torch.manual_seed(0)
@@ -210,13 +212,23 @@ class HessianOperator:
         """The parameters' device."""
         return self.params[0].device
 
-    def _no_autocast(self) -> Any:
-        if self.device.type in ("cpu", "cuda", "xpu", "mps"):
-            return torch.autocast(self.device.type, enabled=False)
-        return nullcontext()
+    @contextmanager
+    def _loss_context(self) -> Iterator[None]:
+        """Autocast off and attention on the math kernel while the loss is evaluated.
+
+        The fused scaled-dot-product-attention kernels (flash, memory-efficient, cuDNN,
+        and the CPU flash kernel) have no double backward; the math kernel is plain
+        differentiable ops, so every HVP method sees the same twice-differentiable
+        function. Training keeps whatever kernel it chose.
+        """
+        with ExitStack() as stack:
+            if self.device.type in ("cpu", "cuda", "xpu", "mps"):
+                stack.enter_context(torch.autocast(self.device.type, enabled=False))
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            yield
 
     def _chunk_loss(self, index: int) -> Tensor:
-        with preserved_rng(self.model), self._no_autocast():
+        with preserved_rng(self.model), self._loss_context():
             seed_all(self.seed + index)
             loss = self.loss_fn(self.model, self._prepare(self.chunks[index]))
         if not isinstance(loss, Tensor) or loss.dim() != 0:
@@ -368,7 +380,7 @@ class HessianOperator:
         batch = self._prepare(self.chunks[index])
 
         def loss_of(primals: dict[str, Tensor]) -> Tensor:
-            with self._no_autocast():
+            with self._loss_context():
                 return torch.func.functional_call(wrapper, primals, (batch,), strict=False)
 
         primals = {k: p.detach() for k, p in zip(keys, self.params)}
