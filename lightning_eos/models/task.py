@@ -1,4 +1,4 @@
-"""A LightningModule for supervised training with MSE, half-MSE or cross-entropy."""
+"""A LightningModule for supervised training: classification, regression, LM and seq2seq."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from lightning_eos.optim.sam import OptimizerFactory
 
-LossName = Literal["mse", "half_mse", "cross_entropy"]
+LossName = Literal["mse", "half_mse", "cross_entropy", "sequence_cross_entropy"]
+IGNORE_INDEX = -100  # torch's cross-entropy default: padded target tokens carry it
 SchedulerFactory = Callable[[Optimizer], LRScheduler]
 
 
@@ -50,30 +51,95 @@ def half_mse_loss(output: Tensor, target: Tensor) -> Tensor:
     return 0.5 * (output - target).pow(2).reshape(output.shape[0], -1).sum(1).mean()
 
 
+def token_cross_entropy(output: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    """Cross-entropy of every token of ``(n, T, V)`` logits against ``(n, T)`` labels.
+
+    Target tokens equal to ``-100`` (padding) are left out; ``reduction="sum"`` sums over
+    the remaining tokens, ``"mean"`` averages over them.
+    """
+    if target.shape != output.shape[:-1]:
+        raise ValueError(
+            f"token cross-entropy: logits {tuple(output.shape)} need labels of shape "
+            f"{tuple(output.shape[:-1])}, got {tuple(target.shape)}."
+        )
+    return F.cross_entropy(
+        output.flatten(0, -2), target.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction
+    )
+
+
+def sequence_cross_entropy(output: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy summed over each sequence's tokens, averaged over the sequences.
+
+    .. math:: L = \\frac{1}{n}\\sum_{i=1}^n \\sum_{t:\\,y_{it} \\ne -100}
+        -\\log \\operatorname{softmax}(f(x_i)_t)_{y_{it}}
+
+    fairseq's ``--sentence-avg`` normalization. Unlike the token mean, this loss is a mean
+    over *samples*, so a measurement split into chunks (weighted by their sample counts)
+    and full-batch gradient accumulation give exactly the loss of the whole set even when
+    padding makes the chunks' token counts differ.
+
+    >>> import torch
+    >>> logits = torch.zeros(2, 3, 4)  # uniform: log 4 per token
+    >>> labels = torch.tensor([[1, 2, -100], [0, -100, -100]])
+    >>> round(sequence_cross_entropy(logits, labels).item() / torch.log(torch.tensor(4.)).item(), 6)
+    1.5
+    """
+    return token_cross_entropy(output, target, reduction="sum") / output.shape[0]
+
+
 def classification_loss(name: LossName, output: Tensor, target: Tensor) -> Tensor:
-    """The named loss; cross-entropy accepts labels or one-hot targets."""
+    """The named loss.
+
+    Cross-entropy accepts labels or one-hot targets; with ``(n, T, V)`` sequence logits and
+    ``(n, T)`` labels it is the mean over the non-padding tokens
+    (:func:`token_cross_entropy`). ``"sequence_cross_entropy"`` is
+    :func:`sequence_cross_entropy`.
+    """
     if name == "mse":
         return mse_loss(output, target)
     if name == "half_mse":
         return half_mse_loss(output, target)
+    if name == "sequence_cross_entropy":
+        return sequence_cross_entropy(output, target)
     if name == "cross_entropy":
+        if output.dim() > 2 and target.dim() == output.dim() - 1:  # (n, T, V) sequences
+            return token_cross_entropy(output, target)
         if target.dim() == output.dim():  # one-hot or soft targets
             target = target.argmax(-1) if target.dtype.is_floating_point else target
         return F.cross_entropy(output, target)
-    raise ValueError(f"loss={name!r}; choose 'mse', 'half_mse' or 'cross_entropy'.")
+    raise ValueError(
+        f"loss={name!r}; choose 'mse', 'half_mse', 'cross_entropy' or 'sequence_cross_entropy'."
+    )
+
+
+def accuracy(output: Tensor, target: Tensor) -> Tensor:
+    """The fraction of correct argmax predictions (of non-padding tokens for sequences)."""
+    labels = target.argmax(-1) if target.dim() == output.dim() else target
+    correct = output.argmax(-1) == labels
+    if output.dim() > 2:
+        keep = labels != IGNORE_INDEX
+        return correct[keep].float().mean()
+    return correct.float().mean()
 
 
 class SupervisedTask(L.LightningModule):
-    """Train ``model`` on ``(x, y)`` batches with MSE, half-MSE or cross-entropy.
+    """Train ``model`` on ``(x, y)`` batches: classification, regression, LM or seq2seq.
 
-    The loss is logged as ``{stage}/loss``; the accuracy ``{stage}/acc`` only for
-    classification outputs (a last dimension of more than one class), not for regression
-    outputs of shape ``(n,)`` or ``(n, 1)``.
+    ``x`` is passed to the model as is, or unpacked when it is a tuple: a seq2seq batch
+    ``((src, tgt_in), tgt_out)`` calls ``model(src, tgt_in)`` (:class:`WMTDataModule`'s
+    batches). A language model's ``(x, y)`` are ``(n, T)`` token ids and its output
+    ``(n, T, V)`` logits; target tokens ``-100`` are padding.
+
+    The loss is logged as ``{stage}/loss``; the accuracy ``{stage}/acc`` (per token for
+    sequences) only for classification outputs (a last dimension of more than one
+    class), not for regression outputs of shape ``(n,)`` or ``(n, 1)``.
 
     Args:
         model: the network.
         loss: ``"mse"`` (targets shaped like the output), ``"half_mse"`` (paper 001's toys,
-            :func:`half_mse_loss`) or ``"cross_entropy"``.
+            :func:`half_mse_loss`), ``"cross_entropy"`` (labels, one-hot targets, or
+            per-token for sequences) or ``"sequence_cross_entropy"`` (summed over each
+            sequence's tokens, averaged over sequences; :func:`sequence_cross_entropy`).
         optimizer: a factory ``params -> Optimizer``, e.g. ``functools.partial(SGD, lr=2.0)``
             or, from YAML, ``class_path: torch.optim.SGD`` with ``init_args``.
         lr_scheduler: an optional factory ``optimizer -> LRScheduler``, stepped per step.
@@ -93,8 +159,8 @@ class SupervisedTask(L.LightningModule):
         self.scheduler_factory = lr_scheduler
         self.save_hyperparameters(ignore=["model", "optimizer", "lr_scheduler"])
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
+    def forward(self, x: Tensor | tuple[Tensor, ...]) -> Tensor:
+        return self.model(*x) if isinstance(x, (tuple, list)) else self.model(x)
 
     def _step(self, batch: Any, stage: str) -> Tensor:
         x, y = batch
@@ -103,8 +169,7 @@ class SupervisedTask(L.LightningModule):
         if not self._sam_perturbed_pass():  # log the loss at w, not SAM's at w + e
             self.log(f"{stage}/loss", loss, prog_bar=stage == "train")
             if out.dim() > 1 and out.shape[-1] > 1:  # classes; a regression has no accuracy
-                labels = y.argmax(-1) if y.dim() == out.dim() else y
-                self.log(f"{stage}/acc", (out.argmax(-1) == labels).float().mean())
+                self.log(f"{stage}/acc", accuracy(out, y))
         return loss
 
     def _sam_perturbed_pass(self) -> bool:
@@ -138,4 +203,12 @@ class SupervisedTask(L.LightningModule):
         }
 
 
-__all__ = ["SupervisedTask", "classification_loss", "half_mse_loss", "mse_loss"]
+__all__ = [
+    "SupervisedTask",
+    "accuracy",
+    "classification_loss",
+    "half_mse_loss",
+    "mse_loss",
+    "sequence_cross_entropy",
+    "token_cross_entropy",
+]
