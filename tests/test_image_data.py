@@ -404,3 +404,29 @@ def test_lightning_cli_builds_and_fits_the_modules(mnist, cifar10, folder, tmp_p
         cli = build_cli([*model, *args, *trainer], run=False)
         assert cli.datamodule.x_train is None  # built, not set up
     assert cli.datamodule.classes == ["n02", "n01"]
+
+
+# ------------------------------------------------------------------------- digits as images
+
+
+def test_digits_images_are_the_standardized_features_on_their_grid():
+    from lightning_eos.data import DigitsDataModule
+
+    flat = DigitsDataModule(num_train=50, num_val=10)
+    grid = DigitsDataModule(num_train=50, num_val=10, image_size=8, channels=3)
+    big = DigitsDataModule(num_train=50, num_val=10, image_size=32, channels=3)
+    for data in (flat, grid, big):
+        data.setup()
+    x, x_grid, x_big = (d.train_set.tensors[0] for d in (flat, grid, big))
+    assert x_grid.shape == (50, 3, 8, 8) and x_big.shape == (50, 3, 32, 32)
+    for c in range(3):
+        assert torch.equal(x_grid[:, c].reshape(50, 64), x)
+    # bilinear upsampling by 4 (align_corners=False) samples pixel k at k -+ 1/8, k -+ 3/8,
+    # so a 4x4 block averages to 3/4 of its pixel + 1/8 of each neighbour, per axis
+    pooled = torch.nn.functional.avg_pool2d(x_big[:, :1], 4)
+    kernel = torch.tensor([0.125, 0.75, 0.125])
+    expected = torch.nn.functional.conv2d(
+        x.view(50, 1, 8, 8), torch.outer(kernel, kernel)[None, None]
+    )
+    torch.testing.assert_close(pooled[:, :, 1:-1, 1:-1], expected)
+    assert torch.equal(grid.train_set.tensors[1], flat.train_set.tensors[1])

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from lightning_eos.curvature import HessianOperator, flatten, unflatten
 from lightning_eos.models import (
     FCN,
+    LayerNormCNN,
     PaperCNN,
     ResNet9,
     ResNet20,
@@ -65,6 +66,8 @@ COUNTS = [
     ("fcn-001-relu", lambda: FCN.paper001(3072, 10, width=200), 656_810, None, 0.0),
     # paper 002, App. G.1 (no count quoted)
     ("cnn-002", PaperCNN, 567_530, None, 0.0),
+    # paper 003, §3.1 (no count quoted): 3x3 convs 16, 32 + LayerNorm + linear head
+    ("cnn-003-layernorm", LayerNormCNN, 25_674, None, 0.0),
     # paper 004: "6CNN, m = 0.51M" -- 508,618 is 0.3% below
     ("6cnn-004", SixCNN, 508_618, 0.51e6, 0.01),
     ("6cnn-004-bn", lambda: SixCNN(batchnorm=True), 509_322, 0.51e6, 0.01),
@@ -108,6 +111,7 @@ FULL_SIZE = [
     Case("fcn-002", lambda: FCN.paper002(3072, 10)),
     Case("fcn-001-relu", lambda: FCN.paper001(3072, 10)),
     Case("cnn-002", PaperCNN),
+    Case("cnn-003-layernorm", LayerNormCNN),
     Case("6cnn-004", SixCNN),
     Case("6cnn-004-bn", lambda: SixCNN(batchnorm=True)),
     Case("resnet20", ResNet20),
@@ -141,6 +145,7 @@ HVP_CASES = [
     Case("fcn-002", lambda: FCN.paper002(3072, 10)),
     Case("fcn-001-relu", lambda: FCN.paper001(3072, 10)),
     Case("cnn-002", PaperCNN),
+    Case("cnn-003-layernorm", LayerNormCNN),
     Case("6cnn-004", SixCNN),
     Case("6cnn-004-bn", lambda: SixCNN(batchnorm=True)),
     Case("resnet20", ResNet20),
@@ -261,6 +266,27 @@ def test_fcn_default_init_is_unchanged():
     )
     for p, q in zip(net.parameters(), reference.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_glorot_normal_init_has_the_glorot_variance():
+    torch.manual_seed(0)
+    net = FCN(784, 10, 1000, 3, "relu", init="glorot_normal")
+    for m in (m for m in net.net if isinstance(m, nn.Linear)):
+        assert m.bias.abs().max() == 0
+        target = 2 / (m.in_features + m.out_features)
+        assert abs(m.weight.var().item() / target - 1) < 0.05
+
+
+def test_layernorm_cnn_normalizes_channels_at_every_pixel():
+    torch.manual_seed(0)
+    net = LayerNormCNN().double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    conv, _, norm, _ = net.features[:4]
+    h = torch.relu(conv(x))
+    mean, var = h.mean(1, keepdim=True), h.var(1, unbiased=False, keepdim=True)
+    expected = (h - mean) / torch.sqrt(var + norm.eps)  # scale 1, offset 0 at init
+    torch.testing.assert_close(norm(h), expected)
+    assert net.features[0].bias.abs().max() == 0
 
 
 def test_paper_cnn_init_and_shapes():

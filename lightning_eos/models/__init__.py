@@ -2,9 +2,11 @@
 
 Fully connected networks
     :class:`FCN` -- :meth:`FCN.paper002` (5x200 tanh, App. G.1), :meth:`FCN.paper001`
-    (3-layer ReLU, §2.2); :func:`lecun_normal_` -- weights :math:`N(0, 1/\\text{fan\\_in})`.
+    (3-layer ReLU, §2.2); :func:`lecun_normal_` -- weights :math:`N(0, 1/\\text{fan\\_in})`;
+    :func:`glorot_normal_` -- paper 003's initialization.
 Convolutional networks
-    :class:`PaperCNN` -- paper 002, App. G.1; :class:`SixCNN` -- paper 004's 6CNN (0.51M).
+    :class:`PaperCNN` -- paper 002, App. G.1; :class:`LayerNormCNN` -- paper 003, §3.1;
+    :class:`SixCNN` -- paper 004's 6CNN (0.51M).
 Residual networks
     :class:`ResNet20` -- He et al. CIFAR (paper 001); :class:`ResNet9` -- paper 004 (2.3M);
     :class:`WideResNet`, :func:`wrn_28_2` (paper 004), :func:`wrn_28_10` (paper 002);
@@ -16,8 +18,8 @@ Tasks
     :func:`classification_loss`
 """
 
-from lightning_eos.models.cnn import PaperCNN, SixCNN
-from lightning_eos.models.fcn import FCN, lecun_normal_
+from lightning_eos.models.cnn import LayerNormCNN, PaperCNN, SixCNN
+from lightning_eos.models.fcn import FCN, glorot_normal_, lecun_normal_
 from lightning_eos.models.resnet import ResNet9, ResNet20, WideResNet, resnet50, wrn_28_2, wrn_28_10
 from lightning_eos.models.task import (
     SupervisedTask,
@@ -30,8 +32,10 @@ from lightning_eos.models.toy import DiagonalLinearNetwork, ScalarReLUNetwork
 __all__ = [
     # Fully connected networks
     "FCN",
+    "glorot_normal_",
     "lecun_normal_",
     # Convolutional networks
+    "LayerNormCNN",
     "PaperCNN",
     "SixCNN",
     # Residual networks

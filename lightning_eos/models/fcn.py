@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 Activation = Literal["tanh", "relu", "gelu", "elu", "softplus", "identity"]
-Init = Literal["pytorch", "lecun_normal"]
+Init = Literal["pytorch", "lecun_normal", "glorot_normal"]
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "tanh": nn.Tanh,
@@ -31,6 +31,20 @@ def lecun_normal_(module: nn.Module) -> None:
             fan_in = m.weight[0].numel()  # in_features, or in_channels/groups * kernel area
             with torch.no_grad():
                 m.weight.normal_(0.0, fan_in**-0.5)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def glorot_normal_(module: nn.Module) -> None:
+    """Weights :math:`\\mathcal{N}(0, 2/(\\text{fan\\_in} + \\text{fan\\_out}))`, biases zero.
+
+    Glorot & Bengio's normal initialization (``torch.nn.init.xavier_normal_``; JAX's and
+    Haiku's ``glorot_normal``), which paper 003 uses for its MLP and CNN (§3.1). Applies to
+    every Linear/Conv layer; other modules are left alone.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d):
+            nn.init.xavier_normal_(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
@@ -61,7 +75,9 @@ class FCN(nn.Module):
         init: ``"pytorch"`` keeps :class:`torch.nn.Linear`'s default (uniform,
             variance :math:`1/(3\\,\\text{fan\\_in})`); ``"lecun_normal"`` draws weights
             from :math:`\\mathcal{N}(0, 1/\\text{fan\\_in})` and zeroes the biases
-            (paper 002, App. G.1).
+            (paper 002, App. G.1); ``"glorot_normal"`` draws them from
+            :math:`\\mathcal{N}(0, 2/(\\text{fan\\_in}+\\text{fan\\_out}))`, zero biases
+            (paper 003, §3.1).
 
     Example:
         >>> net = FCN(in_features=64, out_features=10, width=200, depth=3)
@@ -92,8 +108,8 @@ class FCN(nn.Module):
         super().__init__()
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation={activation!r}; choose one of {sorted(_ACTIVATIONS)}.")
-        if init not in ("pytorch", "lecun_normal"):
-            raise ValueError(f"init={init!r}; choose 'pytorch' or 'lecun_normal'.")
+        if init not in ("pytorch", "lecun_normal", "glorot_normal"):
+            raise ValueError(f"init={init!r}; choose 'pytorch', 'lecun_normal' or 'glorot_normal'.")
         layers: list[nn.Module] = []
         fan_in = in_features
         for _ in range(depth):
@@ -103,6 +119,8 @@ class FCN(nn.Module):
         self.net = nn.Sequential(*layers)
         if init == "lecun_normal":
             lecun_normal_(self)
+        elif init == "glorot_normal":
+            glorot_normal_(self)
 
     @classmethod
     def paper002(cls, in_features: int = 3072, out_features: int = 10) -> FCN:
