@@ -11,7 +11,11 @@ Images (torchvision's real loaders, seeded class-balanced subsets as tensors)
     :class:`ImageNetSubsetDataModule` -- a few ImageNet classes at low resolution.
 Text
     :class:`CharLMDataModule` -- character-level LM from a local file (tiny-shakespeare,
-    paper 003).
+    paper 003); :class:`WMTDataModule` -- WMT En-De subsets from local parallel text or
+    ``datasets``, BPE from ``tokenizers``, token-bucketed batches (paper 002, Fig. 7).
+Synthetic text (the Transformer configs' CPU twins)
+    :class:`MarkovLMDataModule` -- next-token windows of a random Markov chain;
+    :class:`ReversalTranslationDataModule` -- reverse-and-map "translation".
 """
 
 from lightning_eos.data.cifar import CIFARDataModule
@@ -24,6 +28,8 @@ from lightning_eos.data.synthetic import (
     SinglePointDataModule,
     SparseRegressionDataModule,
 )
+from lightning_eos.data.synthetic_text import MarkovLMDataModule, ReversalTranslationDataModule
+from lightning_eos.data.wmt import WMTDataModule
 
 __all__ = [
     # Embedded
@@ -38,4 +44,8 @@ __all__ = [
     "MNISTDataModule",
     # Text
     "CharLMDataModule",
+    "WMTDataModule",
+    # Synthetic text
+    "MarkovLMDataModule",
+    "ReversalTranslationDataModule",
 ]

@@ -11,11 +11,14 @@ Residual networks
     :class:`ResNet20` -- He et al. CIFAR (paper 001); :class:`ResNet9` -- paper 004 (2.3M);
     :class:`WideResNet`, :func:`wrn_28_2` (paper 004), :func:`wrn_28_10` (paper 002);
     :func:`resnet50` -- torchvision (paper 002, Fig. 6).
+Transformers
+    :class:`EncoderDecoderTransformer` -- pre-LN / post-LN 6L-6L (paper 002, Fig. 7);
+    :class:`CharTransformerLM` -- paper 003's character LM (Haiku's example).
 Toy models (paper 001)
     :class:`DiagonalLinearNetwork` -- eq. (2); :class:`ScalarReLUNetwork` -- §3.1.
 Tasks
-    :class:`SupervisedTask`, :func:`mse_loss`, :func:`half_mse_loss`,
-    :func:`classification_loss`
+    :class:`SupervisedTask` (classification, regression, LM, seq2seq), :func:`mse_loss`,
+    :func:`half_mse_loss`, :func:`sequence_cross_entropy`, :func:`classification_loss`
 """
 
 from lightning_eos.models.cnn import LayerNormCNN, PaperCNN, SixCNN
@@ -26,8 +29,10 @@ from lightning_eos.models.task import (
     classification_loss,
     half_mse_loss,
     mse_loss,
+    sequence_cross_entropy,
 )
 from lightning_eos.models.toy import DiagonalLinearNetwork, ScalarReLUNetwork
+from lightning_eos.models.transformer import CharTransformerLM, EncoderDecoderTransformer
 
 __all__ = [
     # Fully connected networks
@@ -45,6 +50,9 @@ __all__ = [
     "resnet50",
     "wrn_28_2",
     "wrn_28_10",
+    # Transformers
+    "CharTransformerLM",
+    "EncoderDecoderTransformer",
     # Toy models (paper 001)
     "DiagonalLinearNetwork",
     "ScalarReLUNetwork",
@@ -53,4 +61,5 @@ __all__ = [
     "classification_loss",
     "half_mse_loss",
     "mse_loss",
+    "sequence_cross_entropy",
 ]
