@@ -120,7 +120,7 @@ FULL_SIZE = [
     Case("resnet9-nobn", lambda: ResNet9(batchnorm=False)),
     Case("wrn-28-2", wrn_28_2),
     Case("wrn-28-2-nobn", lambda: wrn_28_2(batchnorm=False)),
-    # resnet50: test_resnet50_float32
+    # resnet50, wrn-28-10: test_large_models_float32
 ]
 
 
@@ -191,11 +191,20 @@ def test_hvp_float64(case: Case):
     assert fd.norm() > 0
 
 
-def test_resnet50_float32():
-    """ResNet-50, train mode: backward, and u.Hv == v.Hu over all 23.5M parameters."""
+@pytest.mark.parametrize(
+    ("build", "size"),
+    [
+        (lambda: resnet50(10), 64),  # 2x2 maps before the last BN
+        (lambda: wrn_28_10(10), 32),
+        (lambda: wrn_28_10(10, batchnorm=False), 32),
+    ],
+    ids=["resnet50", "wrn-28-10", "wrn-28-10-nobn"],
+)
+def test_large_models_float32(build, size):
+    """The big ones in train mode: backward, and u.Hv == v.Hu over all their parameters."""
     torch.manual_seed(0)
-    model = resnet50(10).train()
-    batch = (torch.randn(2, 3, 64, 64), torch.tensor([3, 7]))  # 2x2 maps before the last BN
+    model = build().train()
+    batch = (torch.randn(2, 3, size, size), torch.tensor([3, 7]))
     assert model(batch[0]).shape == (2, 10)
     cross_entropy(model, batch).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
@@ -204,7 +213,7 @@ def test_resnet50_float32():
     u, v = (torch.randn(op.dim, generator=g) for _ in range(2))
     uhv, vhu = torch.dot(u, op.matvec(v)), torch.dot(v, op.matvec(u))
     assert torch.isfinite(uhv) and uhv != 0
-    assert torch.isclose(uhv, vhu, rtol=1e-3, atol=0.0)  # float32 sums over 23.5M terms
+    assert torch.isclose(uhv, vhu, rtol=1e-3, atol=0.0)  # float32 sums over millions of terms
 
 
 # ---------------------------------------------------------------- paper-specific details
