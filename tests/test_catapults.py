@@ -211,14 +211,14 @@ def test_events_reach_csv_and_a_wandb_table(tmp_path):
 
 @pytest.mark.usefixtures("offline_cwd")
 def test_config_finds_phbs_catapult():
-    """configs/momentum_scalar_relu.yaml: PHB from (10, 1e-6), the float32-rounded v0."""
+    """configs/001_fig3_phb_scalar_relu.yaml: PHB from (10, 1e-6), the float32-rounded v0."""
     from lightning_eos.cli import build_cli
 
     cli = build_cli(
         [
             "fit",
             "--config",
-            str(ROOT / "configs" / "momentum_scalar_relu.yaml"),
+            str(ROOT / "configs" / "001_fig3_phb_scalar_relu.yaml"),
             "--trainer.logger=false",
         ]
     )
