@@ -112,3 +112,20 @@ def config_with(name: str, callback: str, **init_args: Any) -> Path:
     path = Path(name).resolve()
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core runner, two spin-waiting threads run ~50x slower.
+
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")`` in a module.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def n_params(model: nn.Module) -> int:
+    """Number of parameters of ``model``."""
+    return sum(p.numel() for p in model.parameters())

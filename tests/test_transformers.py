@@ -19,6 +19,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import n_params
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -28,18 +29,7 @@ from lightning_eos.models.transformer import (
     MultiHeadAttention,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core runner, two spin-waiting threads run ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- parameter counts
