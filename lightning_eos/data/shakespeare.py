@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_eos.data._loaders import seeded_loader
+
 __all__ = ["CharLMDataModule"]
 
 
@@ -120,10 +122,7 @@ class CharLMDataModule(L.LightningDataModule):
         return len(self.vocab)
 
     def _loader(self, x: Tensor, y: Tensor, shuffle: bool) -> DataLoader:
-        size = self.batch_size or max(len(x), 1)
-        generator = torch.Generator().manual_seed(self.seed)  # never the global RNG
-        shuffle = shuffle and self.batch_size is not None
-        return DataLoader(TensorDataset(x, y), size, shuffle=shuffle, generator=generator)
+        return seeded_loader(TensorDataset(x, y), self.batch_size, shuffle, self.seed)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()

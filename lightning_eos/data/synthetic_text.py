@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_eos.data._loaders import seeded_loader
 from lightning_eos.data.wmt import TranslationCollate, TranslationPairs
 
 __all__ = ["MarkovLMDataModule", "ReversalTranslationDataModule"]
@@ -116,10 +117,7 @@ class MarkovLMDataModule(L.LightningDataModule):
         return float(-(pi[:, None] * p * logs).sum())
 
     def _loader(self, x: Tensor, y: Tensor, shuffle: bool) -> DataLoader:
-        size = self.batch_size or max(len(x), 1)
-        generator = torch.Generator().manual_seed(self.seed)
-        shuffle = shuffle and self.batch_size is not None
-        return DataLoader(TensorDataset(x, y), size, shuffle=shuffle, generator=generator)
+        return seeded_loader(TensorDataset(x, y), self.batch_size, shuffle, self.seed)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
@@ -206,12 +204,7 @@ class ReversalTranslationDataModule(L.LightningDataModule):
         self.val_dataset = TranslationPairs(sources[n:], targets[n:], self.eos_id)
 
     def _loader(self, dataset: TranslationPairs, shuffle: bool) -> DataLoader:
-        size = self.batch_size or max(len(dataset), 1)
-        generator = torch.Generator().manual_seed(self.seed)
-        shuffle = shuffle and self.batch_size is not None
-        return DataLoader(
-            dataset, size, shuffle=shuffle, generator=generator, collate_fn=self.collate
-        )
+        return seeded_loader(dataset, self.batch_size, shuffle, self.seed, self.collate)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
