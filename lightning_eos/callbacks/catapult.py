@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_eos.callbacks._dashboard import define_eos_metrics
 from lightning_eos.callbacks._events import log_event, sharpness_monitor
 
 if TYPE_CHECKING:
@@ -161,6 +162,7 @@ class CatapultDetector(Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: L.LightningModule) -> None:
         self._monitor = sharpness_monitor(trainer, type(self).__name__)
+        define_eos_metrics(trainer)  # eos/catapult_* against the global step in W&B
 
     # --- the loss of every step -------------------------------------------------------
 

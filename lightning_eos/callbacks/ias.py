@@ -96,6 +96,10 @@ class IASMonitor(SharpnessMonitor):
     ``eos/loss``                    the loss on the measurement set
     ==============================  ====================================================
 
+    The progress bar shows the last ``eos/ias_ratio`` as ``IAS/thr`` (and ``λ1/thr`` with
+    ``sharpness=True``); W&B gets the chart ``eos/charts/ias`` (and
+    ``eos/charts/sharpness``). See :class:`SharpnessMonitor`.
+
     ``sharpness=True`` (default) also measures :math:`\\lambda_1(H)` as
     :class:`SharpnessMonitor` does (``eos/sharpness``, ``eos/threshold`` = :math:`2/\\eta`,
     ...), so one plot shows :math:`\\lambda_1` above :math:`2/\\eta` and the IAS at it
@@ -180,6 +184,7 @@ class IASMonitor(SharpnessMonitor):
         hvp_method: HVPMethod = "double_backward",
         measure_at_start: bool = True,
         seed: int = 0,
+        progress_bar: bool = True,
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -196,6 +201,7 @@ class IASMonitor(SharpnessMonitor):
             hvp_method=hvp_method,
             measure_at_start=measure_at_start,
             seed=seed,
+            progress_bar=progress_bar,
         )
         if threshold not in ("auto", None):
             raise ValueError(f"threshold={threshold!r}; use 'auto' or None.")
@@ -316,6 +322,11 @@ class IASMonitor(SharpnessMonitor):
     @override
     def _operators(self, trainer: Trainer, hessian: HessianOperator) -> dict[str, Any]:
         return {"hessian": hessian} if self.sharpness else {}
+
+    @override
+    def _thresholds_unmeasured(self, trainer: Trainer) -> dict[str, float]:
+        # the IAS edge needs rho_b, which takes a measurement
+        return super()._thresholds_unmeasured(trainer) if self.sharpness else {}
 
     @override
     def _extra_metrics(

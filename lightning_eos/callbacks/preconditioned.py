@@ -51,6 +51,11 @@ class PreconditionedSharpnessMonitor(SharpnessMonitor):
     ``eos/lanczos_iters``                   Hessian-vector products of both eigensolves
     ======================================  ====================================================
 
+    The progress bar shows the last ``eos/preconditioned_sharpness_ratio`` as
+    ``λ1(P⁻¹H)/thr``; W&B gets the chart ``eos/charts/preconditioned_sharpness`` and the
+    run config ``eos.preconditioned_threshold`` when it is known at the start (a fixed
+    number; ``"auto"`` needs a first step). See :class:`SharpnessMonitor`.
+
     No threshold is logged for the raw sharpness: an adaptive optimizer's stability does
     not depend on :math:`\\lambda_1(H)` alone (Adam keeps raising it at the adaptive edge,
     paper 002 §6). With coupled (L2) weight decay :math:`w` the measured matrix is
@@ -97,6 +102,7 @@ class PreconditionedSharpnessMonitor(SharpnessMonitor):
         measure_at_start: bool = True,
         seed: int = 0,
         alignment: bool = False,
+        progress_bar: bool = True,
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -114,6 +120,7 @@ class PreconditionedSharpnessMonitor(SharpnessMonitor):
             measure_at_start=measure_at_start,
             seed=seed,
             alignment=alignment,
+            progress_bar=progress_bar,
         )
         self.raw_sharpness = raw_sharpness
         self._reading_threshold: float | None = None  # of the last measurement's reading
@@ -180,6 +187,11 @@ class PreconditionedSharpnessMonitor(SharpnessMonitor):
             metrics["eos/sharpness"] = values[0]
             metrics.update({f"eos/eig_{i}": v for i, v in enumerate(values[1:], start=2)})
         return metrics
+
+    @override
+    def _thresholds_unmeasured(self, trainer: Trainer) -> dict[str, float]:
+        threshold = self._preconditioned_threshold()  # "auto" is read at a measurement
+        return {} if threshold is None else {"preconditioned_threshold": threshold}
 
     def _preconditioned_threshold(self) -> float | None:
         if self.threshold == "auto":

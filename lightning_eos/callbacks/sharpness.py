@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from lightning_eos.callbacks import _dashboard
 from lightning_eos.callbacks._measurement_set import (
     LossFnType,
     measurement_chunks,
@@ -38,7 +39,11 @@ from lightning_eos.curvature import (
     unflatten,
 )
 from lightning_eos.optim import SAM
-from lightning_eos.thresholds import sam_threshold, stability_threshold
+from lightning_eos.thresholds import (
+    UnsupportedOptimizerError,
+    sam_threshold,
+    stability_threshold,
+)
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
@@ -82,6 +87,27 @@ class SharpnessMonitor(Callback):
     ``eos/loss``              the mean loss on the measurement set
     ========================  ===================================================
 
+    Besides these scalars (see :mod:`lightning_eos.callbacks._dashboard`):
+
+    ==========================  ===================================================
+    progress bar ``λ1/thr``     the last ``eos/sharpness_ratio``, while training
+                                (Lightning's progress-bar metrics, no logger,
+                                nothing computed; ``progress_bar=False`` hides it)
+    run config ``eos``          every logger's hyperparameters at the start:
+                                ``{"eos": {"optimizer": ..., "lr": ..., <other
+                                hyperparameters of the first param group>,
+                                "threshold": ...}}``; a threshold not known at the
+                                start (SAM's before a measurement) is left out
+    W&B metric definitions      ``eos/*`` against ``trainer/global_step``; summary
+                                max of ``eos/sharpness`` and ``eos/eig_i``, last of
+                                ratios and thresholds, min of ``eos/loss``
+    W&B chart                   ``eos/charts/sharpness``: ``eos/sharpness`` and
+                                ``eos/threshold`` (the SAM-edge under SAM) at the
+                                end of training
+    ==========================  ===================================================
+
+    A failing W&B call (no network) warns and training goes on.
+
     Under :class:`~lightning_eos.optim.SAM` (over plain gradient descent) the threshold
     is the SAM-edge of paper 003, Prop. 2, from the full-batch gradient norm on the
     measurement set, also logged as ``eos/sam_edge`` (with ``eos/grad_norm``), and the
@@ -122,6 +148,7 @@ class SharpnessMonitor(Callback):
         measure_at_start: also measure before the first step.
         seed: seed of the subset and of Lanczos' random start vector.
         alignment: also log the alignment of the top eigenvector with the gradients.
+        progress_bar: show the ratio to the threshold in the progress bar.
 
     Example:
         >>> monitor = SharpnessMonitor(every_n_steps=10, top_k=2)
@@ -149,6 +176,7 @@ class SharpnessMonitor(Callback):
         measure_at_start: bool = True,
         seed: int = 0,
         alignment: bool = False,
+        progress_bar: bool = True,
     ) -> None:
         if every_n_steps < 1:
             raise ValueError(f"every_n_steps={every_n_steps} must be at least 1.")
@@ -169,7 +197,7 @@ class SharpnessMonitor(Callback):
         self.loss_fn, self.dataloader, self.threshold = loss_fn, dataloader, threshold
         self.mode, self.tol, self.stop_rule, self.max_iter = mode, tol, stop_rule, max_iter
         self.hvp_method, self.measure_at_start, self.seed = hvp_method, measure_at_start, seed
-        self.alignment = alignment
+        self.alignment, self.progress_bar = alignment, progress_bar
         self._k = top_k or 1  # top_k=None: 3 under SAM (paper 003 follows three), else 1
         self._extras: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
@@ -249,10 +277,12 @@ class SharpnessMonitor(Callback):
             self._warm_starts, self._last_step = trainer.strategy.broadcast(
                 (warm, self._last_step), src=0
             )
+        _dashboard.define_eos_metrics(trainer, self._k)  # before the first value is logged
         if self.measure_at_start:
             self._maybe_measure(trainer, pl_module)
         elif self._last_step is None:
             self._last_step = trainer.global_step  # step 0 is not measured at batch end either
+        _dashboard.log_run_config(trainer, self)
 
     @override
     def on_train_batch_end(
@@ -264,6 +294,12 @@ class SharpnessMonitor(Callback):
         batch_idx: int,
     ) -> None:
         self._maybe_measure(trainer, pl_module)
+        if self.progress_bar:
+            _dashboard.show_in_progress_bar(pl_module, self.history)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: L.LightningModule) -> None:
+        _dashboard.log_charts(trainer, self)
 
     def _maybe_measure(self, trainer: Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step
@@ -315,6 +351,22 @@ class SharpnessMonitor(Callback):
                 return self._extras["eos/sam_edge"]
             return stability_threshold(trainer.optimizers[0])
         return None if self.threshold is None else float(self.threshold)
+
+    def _config_thresholds(self, trainer: Trainer) -> dict[str, float]:
+        """The thresholds for the run config: measured now, else known without measuring."""
+        latest = self.history[-1] if self.history else None
+        if latest is not None and latest["step"] == trainer.global_step:
+            names = _dashboard.CONFIG_THRESHOLDS
+            return {name: latest[key] for key, name in names.items() if key in latest}
+        return self._thresholds_unmeasured(trainer)
+
+    def _thresholds_unmeasured(self, trainer: Trainer) -> dict[str, float]:
+        """The threshold on :math:`\\lambda_1(H)` if the optimizer tells it (SAM's does not)."""
+        try:
+            threshold = self._threshold_now(trainer)
+        except (UnsupportedOptimizerError, ValueError):
+            return {}
+        return {} if threshold is None else {"threshold": threshold}
 
     def _hessian(
         self, trainer: Trainer, pl_module: L.LightningModule, reuse_graph: bool | None = None

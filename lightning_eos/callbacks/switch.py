@@ -8,6 +8,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_eos.callbacks._dashboard import define_eos_metrics
 from lightning_eos.callbacks._events import log_event, new_measurement, sharpness_monitor
 from lightning_eos.optim import HeavyBall, unwrap_optimizer
 
@@ -101,6 +102,7 @@ class OptimizerSwitch(Callback):
                 )
         if self.when == "sharpness_crosses_threshold":
             self._monitor = sharpness_monitor(trainer, type(self).__name__)
+        define_eos_metrics(trainer)  # eos/momentum, eos/switch_* against the global step in W&B
 
     @override
     def on_train_batch_start(
