@@ -1,6 +1,11 @@
-"""The ``lightning-eos`` command: LightningCLI over any LightningModule and DataModule."""
+"""The ``lightning-eos`` command: LightningCLI, and ``report`` (:mod:`lightning_eos.report`).
+
+``fit``, ``validate`` and ``test`` run any LightningModule and DataModule from a config.
+"""
 
 from __future__ import annotations
+
+import sys
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -16,13 +21,19 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     )
 
 
-def main() -> None:
-    """Run ``lightning-eos fit|validate|test --config CONFIG``.
+def main(argv: list[str] | None = None) -> None:
+    """Run ``lightning-eos fit|validate|test --config CONFIG`` or ``lightning-eos report RUNS``.
 
     Models and data modules are chosen in the config with ``class_path``; see
-    ``configs/quickstart.yaml``.
+    ``configs/quickstart.yaml``. ``report`` draws the curves of logged runs; see
+    ``lightning-eos report --help``.
     """
-    build_cli()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        from lightning_eos.report import main as report_main
+
+        sys.exit(report_main(argv[1:]))
+    build_cli(argv)
 
 
 if __name__ == "__main__":

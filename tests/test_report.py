@@ -1,0 +1,252 @@
+"""CSV logs of short fits, read back, and ``lightning-eos report`` drawn from them.
+
+The claims checked: every ``eos/*`` value a monitor measured is in the CSV at the step it
+was measured and nowhere else; the report's dashed threshold lines carry exactly the
+CSV's thresholds (read from the figure's line data, not from pixels), in one colour per
+learning rate; catapult markers and switch lines sit at the logged events.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import quiet_trainer
+from lightning.pytorch.loggers import CSVLogger
+from PIL import Image
+
+from lightning_eos.callbacks import (
+    CatapultDetector,
+    IASMonitor,
+    OptimizerSwitch,
+    PreconditionedSharpnessMonitor,
+    SharpnessMonitor,
+)
+from lightning_eos.cli import main as cli_main
+from lightning_eos.data import DigitsDataModule, SinglePointDataModule
+from lightning_eos.models import FCN, ScalarReLUNetwork, SupervisedTask
+from lightning_eos.optim import Adam, HeavyBall
+from lightning_eos.report import draw_report, metrics_files, read_runs, summarize, write_report
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    (found,) = path.rglob("metrics.csv")
+    with found.open(newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def _logged(rows: list[dict[str, str]], key: str) -> dict[int, float]:
+    """``{step: value}`` of the rows where ``key`` has a value."""
+    return {int(r["step"]): float(r[key]) for r in rows if r.get(key)}
+
+
+def _fit(out: Path, optimizer, monitor, max_steps: int, batch_size=None, **trainer) -> None:
+    L.seed_everything(0, verbose=False)
+    task = SupervisedTask(
+        FCN(in_features=64, out_features=10, width=24, depth=2, activation="tanh"),
+        loss="mse",
+        optimizer=optimizer,
+    )
+    trainer = quiet_trainer(
+        out,
+        callbacks=[monitor],
+        max_steps=max_steps,
+        logger=CSVLogger(out, name="csv"),
+        log_every_n_steps=1,
+        **trainer,
+    )
+    trainer.fit(task, DigitsDataModule(num_train=128, num_val=16, batch_size=batch_size))
+
+
+def _assert_history_in_csv(history: list[dict[str, float]], rows: list[dict[str, str]]) -> None:
+    """Each measured ``eos/*`` value is in the CSV at its step, and only at measured steps."""
+    measured = {int(h["step"]) for h in history}
+    keys = {k for h in history for k in h if k.startswith("eos/")}
+    assert keys, "the monitor measured nothing"
+    for key in keys:
+        logged = _logged(rows, key)
+        expected = {int(h["step"]): h[key] for h in history if key in h}
+        assert set(logged) == set(expected), key
+        for step, value in expected.items():
+            assert logged[step] == pytest.approx(value, rel=1e-12, nan_ok=True), (key, step)
+    eos_columns = {k for r in rows for k in r if k.startswith("eos/")}
+    for row in rows:
+        if any(row[k] for k in eos_columns):
+            assert int(row["step"]) in measured, row
+
+
+def test_sharpness_metrics_are_in_the_csv_at_the_measured_steps(tmp_path):
+    monitor = SharpnessMonitor(every_n_steps=3, top_k=2, num_samples=None)
+    _fit(tmp_path, functools.partial(torch.optim.SGD, lr=0.5), monitor, max_steps=10)
+    assert [h["step"] for h in monitor.history] == [0, 3, 6, 9]
+    rows = _rows(tmp_path)
+    _assert_history_in_csv(monitor.history, rows)
+    for key in ("eos/sharpness", "eos/eig_2", "eos/threshold", "eos/sharpness_ratio", "eos/loss"):
+        assert set(_logged(rows, key)) == {0, 3, 6, 9}, key
+    assert set(_logged(rows, "eos/threshold").values()) == {2 / 0.5}
+    assert set(_logged(rows, "train/loss")) == set(range(10))  # log_every_n_steps=1
+
+
+def test_preconditioned_and_ias_metrics_are_in_the_csv_at_the_measured_steps(tmp_path):
+    adam = functools.partial(Adam, lr=1e-3, betas=(0.9, 0.99), bias_correction=False)
+    monitor = PreconditionedSharpnessMonitor(every_n_steps=4, num_samples=None)
+    _fit(tmp_path / "adam", adam, monitor, max_steps=9)
+    rows = _rows(tmp_path / "adam")
+    _assert_history_in_csv(monitor.history, rows)
+    assert set(_logged(rows, "eos/preconditioned_threshold")) == {4, 8}  # no P before a step
+    for value in _logged(rows, "eos/preconditioned_threshold").values():
+        assert value == pytest.approx(38 / 1e-3, rel=1e-12)  # (2 + 2 beta_1)/((1 - beta_1) eta)
+
+    ias = IASMonitor(every_n_steps=2, samples=None, chunk_size=64)
+    _fit(tmp_path / "sgd", functools.partial(torch.optim.SGD, lr=0.3), ias, 5, batch_size=32)
+    rows = _rows(tmp_path / "sgd")
+    _assert_history_in_csv(ias.history, rows)
+    for key in ("eos/ias", "eos/ias_threshold", "eos/rho_b", "eos/sharpness", "eos/threshold"):
+        assert set(_logged(rows, key)) == {0, 2, 4}, key
+
+
+@pytest.fixture(scope="module")
+def lr_sweep(tmp_path_factory) -> Path:
+    """Three full-batch GD runs on digits at lr 2, 0.5 and 1 (CSV logs only)."""
+    root = tmp_path_factory.mktemp("sweep")
+    for lr in (2.0, 0.5, 1.0):
+        monitor = SharpnessMonitor(every_n_steps=5, num_samples=None)
+        _fit(root / f"lr{lr:g}", functools.partial(torch.optim.SGD, lr=lr), monitor, 21)
+    return root
+
+
+def test_report_of_three_runs_draws_each_threshold_at_the_csv_values(lr_sweep, tmp_path):
+    runs = read_runs([lr_sweep / "lr2", lr_sweep / "lr0.5", lr_sweep / "lr1"])
+    assert [run.lr for run in runs] == [0.5, 1.0, 2.0]  # from hparams.yaml, ordered by lr
+    assert [run.label for run in runs] == ["$\\eta$=0.5", "$\\eta$=1", "$\\eta$=2"]
+    fig = draw_report(runs)
+    loss_ax, sharpness_ax = fig.axes[:2]
+    assert sharpness_ax.get_title().startswith("sharpness")
+    lines = {line.get_gid(): line for line in sharpness_ax.get_lines()}
+    colors = set()
+    for run in runs:
+        rows = _rows(run.path.parent)
+        logged = _logged(rows, "eos/threshold")
+        threshold = lines[f"threshold:{run.label}"]
+        assert list(threshold.get_xdata()) == sorted(logged)
+        assert list(threshold.get_ydata()) == [logged[s] for s in sorted(logged)]
+        assert set(threshold.get_ydata()) == {2 / run.lr}
+        assert threshold.get_linestyle() == "--"
+        (solid,) = [ln for ln in sharpness_ax.get_lines() if ln.get_label() == run.label]
+        assert solid.get_color() == threshold.get_color()
+        assert list(solid.get_ydata()) == [
+            _logged(rows, "eos/sharpness")[s] for s in sorted(logged)
+        ]
+        colors.add(threshold.get_color())
+        (loss,) = [ln for ln in loss_ax.get_lines() if ln.get_label() == run.label]
+        assert list(loss.get_xdata()) == sorted(_logged(rows, "train/loss"))
+    assert len(colors) == 3
+
+    path = write_report(runs, tmp_path / "three.png", dpi=50)
+    assert Image.open(path).size == (12 * 50, 4 * 50)  # two panels of 6 x 4 inches
+
+
+def test_report_of_one_run_png_and_html_through_the_cli(lr_sweep, tmp_path, capsys):
+    run_dir = lr_sweep / "lr1"
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["report", str(run_dir), "--out", str(tmp_path / "one.png"), "--dpi", "40"])
+    assert exit_.value.code == 0
+    assert Image.open(tmp_path / "one.png").size == (12 * 40, 4 * 40)
+    (run,) = read_runs([run_dir])
+    ratios = _logged(_rows(run_dir), "eos/sharpness_ratio")
+    printed = capsys.readouterr().out
+    assert f"last lambda_1/thr: {ratios[max(ratios)]:.4g}" in printed
+    assert "Report written to" in printed
+
+    fig = draw_report([run])
+    lines = fig.axes[1].get_lines()
+    (threshold,) = [ln for ln in lines if ln.get_gid() == f"threshold:{run.label}"]
+    assert threshold.get_label() == "2/$\\eta$ = 2"  # lr 1: the GD threshold 2/eta, named
+
+    page = write_report([run], tmp_path / "one.html")
+    text = page.read_text()
+    assert "data:image/png;base64," in text and f"{ratios[max(ratios)]:.4g}" in text
+
+
+def test_catapults_and_switches_are_drawn_at_the_logged_events(tmp_path):
+    # paper 001, Fig. 3: PHB -> GD on the scalar ReLU network; the catapult peaks at step 97
+    eta = 2.01 / 100
+    task = SupervisedTask(
+        ScalarReLUNetwork(10.0, 1e-6),
+        loss="half_mse",
+        optimizer=functools.partial(HeavyBall, lr=eta, momentum=0.9, match_gd=True),
+    )
+    detector = CatapultDetector()
+    trainer = quiet_trainer(
+        tmp_path,
+        callbacks=[
+            SharpnessMonitor(every_n_steps=1, num_samples=None),
+            OptimizerSwitch(to="gd", direction="down"),
+            detector,
+        ],
+        max_steps=150,
+        precision="64-true",
+        logger=CSVLogger(tmp_path, name="csv"),
+        log_every_n_steps=50,
+    )
+    trainer.fit(task, SinglePointDataModule(x=1.0, y=0.0, dtype="float64"))
+    (event,) = detector.events
+    rows = _rows(tmp_path)
+    assert _logged(rows, "eos/catapult_peak_loss") == {event.peak_step: event.peak_loss}
+    (switch_step,) = _logged(rows, "eos/switch_sharpness")
+
+    (run,) = read_runs([tmp_path])
+    assert summarize(run)["catapults"] == 1 and summarize(run)["switches"] == 1
+    fig = draw_report([run])
+    loss_ax, sharpness_ax = fig.axes[:2]
+    (markers,) = [ln for ln in loss_ax.get_lines() if ln.get_gid() == f"catapults:{run.label}"]
+    assert list(markers.get_xdata()) == [event.peak_step]
+    assert list(markers.get_ydata()) == [event.peak_loss]
+    (vline,) = [ln for ln in sharpness_ax.get_lines() if ln.get_gid() == f"switch:{run.label}"]
+    assert list(vline.get_xdata()) == [switch_step, switch_step]
+    assert loss_ax.get_yscale() == "log"
+    assert "catapults" in loss_ax.get_title()
+    assert not math.isnan(summarize(run)["max lambda_1"])
+
+
+def test_a_folder_reports_the_newest_version_of_each_logger(tmp_path):
+    for version, value in ((0, 1.0), (2, 3.0), (10, 5.0)):
+        folder = tmp_path / "run" / "csv" / f"version_{version}"
+        folder.mkdir(parents=True)
+        (folder / "metrics.csv").write_text(f"eos/sharpness,step\n{value},0\n")
+    other = tmp_path / "run" / "other" / "version_0"
+    other.mkdir(parents=True)
+    (other / "metrics.csv").write_text("eos/sharpness,step\n7.0,0\n")
+    found = metrics_files(tmp_path / "run")
+    assert [p.parent.name for p in found] == ["version_10", "version_0"]
+    runs = read_runs([tmp_path / "run"])
+    assert [run.values("eos/sharpness") for run in runs] == [[5.0], [7.0]]
+    assert [run.label for run in runs] == ["run", "other"]  # the name above csv/version_N
+    twice = read_runs([tmp_path / "run", tmp_path / "run"])
+    assert [run.label for run in twice] == ["run", "other", "run (2)", "other (2)"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="No metrics.csv"):
+        metrics_files(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="neither"):
+        metrics_files(tmp_path / "missing")
+
+
+def test_a_threshold_far_above_the_curves_is_clipped_not_drawn_whole(tmp_path):
+    # a linear warmup from lr 1e-8 to 1 over 4 steps: 2/lr starts at 2e8 and settles at 2
+    rows = ["eos/sharpness,eos/threshold,step"]
+    lrs = [1e-8 + (1 - 1e-8) * min(1, s / 4) for s in range(10)]
+    rows += [f"{1.9 * min(1, s / 5)},{2 / lr!r},{s}" for s, lr in enumerate(lrs)]
+    (tmp_path / "metrics.csv").write_text("\n".join(rows) + "\n")
+    (run,) = read_runs([tmp_path / "metrics.csv"])
+    fig = draw_report([run])
+    sharpness_ax = fig.axes[0]
+    assert sharpness_ax.get_ylim() == pytest.approx((0.0, 1.3 * 2.0))
+    (threshold,) = [ln for ln in sharpness_ax.get_lines() if (ln.get_gid() or "").startswith("thr")]
+    assert max(threshold.get_ydata()) == 2 / 1e-8  # the data stays whole; the view is clipped
