@@ -17,6 +17,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/lightning-eos fit --config configs/quickstart.yaml
+	$(BIN)/lightning-eos report outputs/quickstart --out outputs/quickstart/report.png
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -16,8 +16,9 @@ compared at a matched maximum stable sharpness (PHB's step (1 + beta) eta, ``mat
 
     python examples/ldn_catapults.py [--out DIR] [--eta-f 0.004] [--alphas 30]
 
-Writes ``ldn_test_loss.png`` and ``ldn_sharpness.png`` and prints the sweep (about 3 min
-for the sweep and 2 min for the two Lightning runs on 2 CPU cores).
+Writes ``ldn_test_loss.png``, ``ldn_sharpness.png``, the two Lightning runs' CSV logs
+(``DIR/GD``, ``DIR/PHB``) and their ``lightning-eos report`` (``report.png``), and prints
+the sweep (about 3 min for the sweep and 2 min for the two Lightning runs on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.loggers import CSVLogger
 
 from lightning_eos.analysis import min_l1_solution, min_l2_solution, regression_test_loss
 from lightning_eos.callbacks import CatapultDetector, SharpnessMonitor
@@ -36,6 +38,7 @@ from lightning_eos.data import SparseRegressionDataModule
 from lightning_eos.models import DiagonalLinearNetwork, SupervisedTask, half_mse_loss
 from lightning_eos.optim import HeavyBall, LinearWarmup
 from lightning_eos.plotting import _pyplot, _save
+from lightning_eos.report import report
 
 BETA, ETA_INITIAL = 0.9, 1e-8
 
@@ -89,7 +92,9 @@ class StepLosses(Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def lightning_run(alpha: float, eta_f: float, momentum: float, every: int) -> dict:
+def lightning_run(
+    alpha: float, eta_f: float, momentum: float, every: int, log_dir: Path | None = None
+) -> dict:
     """One run under Lightning: sharpness against the MSS and the catapults found."""
     net = DiagonalLinearNetwork(100, alpha, dtype="float64")
     steps = warmup_steps(eta_f)
@@ -107,7 +112,7 @@ def lightning_run(alpha: float, eta_f: float, momentum: float, every: int) -> di
         max_steps=2 * steps,
         precision="64-true",
         accelerator="cpu",
-        logger=False,
+        logger=CSVLogger(log_dir, name="csv") if log_dir else False,
         callbacks=[monitor, detector, losses],
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -171,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs = {}
     if not args.no_lightning:
         for name, m in (("GD", 0.0), ("PHB", BETA)):
-            runs[name] = lightning_run(args.alpha_run, args.eta_f, m, args.every)
+            runs[name] = lightning_run(args.alpha_run, args.eta_f, m, args.every, args.out / name)
             for e in runs[name]["events"]:
                 print(
                     f"{name} catapult: steps {e.start_step}-{e.end_step}, peak {e.peak_step} "
@@ -179,6 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
                     f"{e.sharpness_after:.4g} (λ1/MSS {e.ratio_before:.3f} -> {e.ratio_after:.3f})"
                 )
         plot_sharpness(runs, args.alpha_run, args.out / "ldn_sharpness.png")
+        # = lightning-eos report OUT/GD OUT/PHB --out OUT/report.png
+        print(f"report: {report([args.out / 'GD', args.out / 'PHB'], args.out / 'report.png')}")
     return {"alphas": alphas, "losses": losses, "baselines": lines, "runs": runs}
 
 

@@ -11,6 +11,8 @@ bound across beta (Fig. 4) comes from ``lightning_eos.analysis`` on the same dyn
 
 Writes ``momentum_catapults.png`` (Fig. 3: trajectories and sharpness) and
 ``theorem2.png`` (Fig. 4: C_u, 1/(1 + eta C_v), the sharpness reduction and its bound),
+the four runs' CSV logs (``DIR/GD``, ``DIR/PHB_to_GD``, ...) and their ``lightning-eos
+report`` (``report.png``: loss with catapult markers, sharpness against the MSS, switches),
 and prints the sharpness reduction of each run and every catapult found.
 """
 
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.loggers import CSVLogger
 
 from lightning_eos.analysis import scalar_relu_trajectory, theorem2_bound
 from lightning_eos.callbacks import CatapultDetector, OptimizerSwitch, SharpnessMonitor
@@ -29,6 +32,7 @@ from lightning_eos.data import SinglePointDataModule
 from lightning_eos.models import ScalarReLUNetwork, SupervisedTask
 from lightning_eos.optim import HeavyBall
 from lightning_eos.plotting import _pyplot, _save
+from lightning_eos.report import report
 
 BETA, EPS, U0, V0 = 0.9, 0.01, 10.0, 1e-6
 ETA = (2 + EPS) / U0**2
@@ -57,7 +61,7 @@ class Iterates(Callback):
         self._record(module)
 
 
-def run(momentum: float, to: str | None, steps: int) -> dict:
+def run(momentum: float, to: str | None, steps: int, log_dir: Path | None = None) -> dict:
     net = ScalarReLUNetwork(U0, V0, dtype="float64")  # v0 exactly 1e-6
     optimizer = functools.partial(HeavyBall, lr=ETA, momentum=momentum, match_gd=True)
     task = SupervisedTask(net, loss="half_mse", optimizer=optimizer)
@@ -68,7 +72,7 @@ def run(momentum: float, to: str | None, steps: int) -> dict:
         max_steps=steps,
         precision="64-true",
         accelerator="cpu",
-        logger=False,
+        logger=CSVLogger(log_dir, name="csv") if log_dir else False,
         callbacks=[monitor, *switch, detector, iterates],
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -145,7 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--betas", type=int, default=20, help="points of the Fig. 4 sweep")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    runs = {name: run(m, to, args.steps) for name, (m, to) in SCENARIOS.items()}
+    logs = {name: args.out / name.replace("→", "_to_") for name in SCENARIOS}
+    runs = {name: run(m, to, args.steps, logs[name]) for name, (m, to) in SCENARIOS.items()}
     print(f"MSS 2/eta = {2 / ETA:.4f}; u0^2 = {U0**2:g}")
     print(f"{'run':8s} {'switch step':>11s} {'u_T^2':>9s} {'ΔS = u0²−u_T²':>15s}  catapults")
     for name, r in runs.items():
@@ -168,6 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
     plot_runs(runs, args.out / "momentum_catapults.png")
     plot_theorem2(betas, bounds, args.out / "theorem2.png")
+    # = lightning-eos report OUT/GD OUT/PHB_to_GD ... --labels ... --out OUT/report.png
+    print(f"report: {report(list(logs.values()), args.out / 'report.png', list(logs))}")
     return {"runs": runs, "betas": betas, "bounds": bounds}
 
 

@@ -1,6 +1,9 @@
 """The quickstart in Python: attach SharpnessMonitor to an ordinary Lightning Trainer.
 
 python examples/train_digits.py --lr 2.0 --max-steps 600 --out outputs/example
+
+The progress bar shows ``λ1/thr``; at the end, ``OUT/report.png`` is the report that
+``lightning-eos report OUT`` draws from the CSV log.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from lightning_eos.callbacks import SharpnessMonitor, SharpnessPlot
 from lightning_eos.data import DigitsDataModule
 from lightning_eos.loggers import WandbLogger  # offline by itself without an API key
 from lightning_eos.models import FCN, SupervisedTask
+from lightning_eos.report import report
 
 
 def main() -> None:
@@ -36,10 +40,10 @@ def main() -> None:
         accelerator="cpu",
         logger=[CSVLogger(args.out), WandbLogger(save_dir=args.out)],
         callbacks=[SharpnessMonitor(every_n_steps=10, top_k=2), SharpnessPlot(dirpath=args.out)],
-        enable_progress_bar=False,
         enable_checkpointing=False,
     )
     trainer.fit(model, DigitsDataModule())
+    print(f"report: {report([args.out], f'{args.out}/report.png')}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from lightning_eos.data import DigitsDataModule
 from lightning_eos.loggers import WandbLogger  # offline by itself without an API key
 from lightning_eos.models import FCN, SupervisedTask
 from lightning_eos.optim import Adam
+from lightning_eos.report import report
 
 
 def main() -> None:
@@ -54,6 +55,8 @@ def main() -> None:
         enable_checkpointing=False,
     )
     trainer.fit(model, DigitsDataModule())
+    # = lightning-eos report OUT --out OUT/report.png
+    print(f"report: {report([args.out], f'{args.out}/report.png')}")
 
 
 if __name__ == "__main__":

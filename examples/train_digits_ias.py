@@ -24,6 +24,7 @@ from lightning_eos.data import DigitsDataModule
 from lightning_eos.loggers import WandbLogger  # offline by itself without an API key
 from lightning_eos.models import FCN, SupervisedTask
 from lightning_eos.plotting import plot_ias, plot_sharpness
+from lightning_eos.report import report
 
 
 def train(
@@ -115,7 +116,9 @@ def main() -> None:
         for key, value in summarize(runs[f"b={b}"], args.sgd_lr).items():
             print(f"  {key}: {value:.4g}")
     plot_ias(runs, out / "ias_sgd.png", lr=args.sgd_lr)
-    print(f"figures: {out / 'ias_gd.png'}, {out / 'ias_sgd.png'}")
+    folders = [out / "gd", *(out / f"sgd_{b}" for b in args.batch_sizes)]
+    path = report(folders, out / "report.png")  # = lightning-eos report FOLDERS --out ...
+    print(f"figures: {out / 'ias_gd.png'}, {out / 'ias_sgd.png'}, {path}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from lightning_eos.loggers import WandbLogger  # offline by itself without an AP
 from lightning_eos.models import FCN, SupervisedTask
 from lightning_eos.optim import SAM
 from lightning_eos.plotting import edge_summary
+from lightning_eos.report import report
 
 
 def train(lr: float, rho: float, max_steps: int, every: int, out: str) -> list[dict]:
@@ -107,6 +108,8 @@ def main() -> None:
     for key, value in compare(sam, gd, args.lr).items():
         print(f"{key}: {value:.4g}")
     plot_comparison(sam, gd, args.lr, f"{args.out}/sam_vs_gd.png")
+    # = lightning-eos report OUT/sam OUT/gd --out OUT/report.png
+    print(f"report: {report([f'{args.out}/sam', f'{args.out}/gd'], f'{args.out}/report.png')}")
 
 
 if __name__ == "__main__":

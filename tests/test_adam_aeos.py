@@ -36,7 +36,7 @@ def test_example_freezes_the_preconditioner(tmp_path):
     script = ROOT / "examples" / "train_digits_adam.py"
     cmd = [sys.executable, str(script), "--max-steps", "20", "--freeze-at", "10", "--out", str(out)]
     subprocess.run(cmd, check=True, cwd=tmp_path, capture_output=True)
-    assert (out / "sharpness.png").exists()
+    assert (out / "sharpness.png").exists() and (out / "report.png").exists()
     with open(next(out.glob("lightning_logs/version_*/metrics.csv"))) as f:
         rows = [r for r in csv.DictReader(f) if r.get("eos/sharpness")]
     assert [r["step"] for r in rows] == ["0", "10", "20"]

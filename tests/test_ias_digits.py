@@ -57,6 +57,7 @@ def test_example_runs_gd_and_two_batch_sizes(tmp_path):
     assert "full-batch GD" in out and "SGD, b 64" in out and "SGD, b 256" in out
     assert "mean tr(HS_b) / mean (2/eta) tr(S_n)" in out
     assert (tmp_path / "ias_gd.png").exists() and (tmp_path / "ias_sgd.png").exists()
+    assert (tmp_path / "report.png").exists()  # lightning-eos report of the three CSV logs
 
 
 def test_lssr_example_sweeps_and_draws_the_curves(tmp_path):

@@ -80,6 +80,6 @@ def test_example_script_runs(tmp_path):
         cwd=tmp_path,
         capture_output=True,
     )
-    assert (out / "sharpness.png").exists()
+    assert (out / "sharpness.png").exists() and (out / "report.png").exists()
     with open(next(out.glob("lightning_logs/version_*/metrics.csv"))) as f:
         assert [r["step"] for r in csv.DictReader(f) if r.get("eos/sharpness")] == ["0", "10", "20"]

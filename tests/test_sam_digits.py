@@ -47,3 +47,4 @@ def test_example_compares_sam_with_gd(tmp_path):
     printed = dict(line.split(": ", 1) for line in lines if line.count(": ") == 1)
     assert {"sam_edge_ratio_mean", "flatter_same_step", "flatter_same_loss"} <= set(printed)
     assert (tmp_path / "sam" / "sharpness.png").exists() and (tmp_path / "sam_vs_gd.png").exists()
+    assert (tmp_path / "report.png").exists()  # lightning-eos report of both CSV logs
