@@ -28,12 +28,12 @@ def main(argv: list[str] | None = None) -> None:
     ``configs/quickstart.yaml``. ``report`` draws the curves of logged runs; see
     ``lightning-eos report --help``.
     """
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["report"]:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["report"]:
         from lightning_eos.report import main as report_main
 
-        sys.exit(report_main(argv[1:]))
-    build_cli(argv)
+        sys.exit(report_main(args[1:]))
+    build_cli(argv)  # None: LightningCLI reads sys.argv itself (and does not warn)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from lightning_eos.plotting import _pyplot
+from matplotlib.figure import Figure
 
 #: the panels of a report: (title, y label, solid key, dashed threshold key, threshold label)
 PANELS = (
@@ -84,11 +83,12 @@ class Run:
         return bool(self.series.get(key))
 
 
-def metrics_files(path: str | Path) -> list[Path]:
+def metrics_files(path: str | Path, all_versions: bool = False) -> list[Path]:
     """The ``metrics.csv`` files of ``path``.
 
-    That is the file itself, or the newest version of each logger folder under a directory
-    (``.../csv/version_3/metrics.csv`` over ``version_0``).
+    That is the file itself, or under a directory the newest version of each logger folder
+    (``.../csv/version_3/metrics.csv`` over ``version_0``: a re-run of the same config), or
+    with ``all_versions=True`` every version (e.g. a sweep logged to ``lightning_logs/``).
 
     Raises:
         FileNotFoundError: ``path`` does not exist or holds no ``metrics.csv``.
@@ -98,13 +98,14 @@ def metrics_files(path: str | Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is neither a metrics.csv file nor a run folder.")
-    newest: dict[Path, Path] = {}
-    for found in sorted(path.rglob("metrics.csv")):
-        group = found.parent.parent if found.parent.name.startswith("version_") else found.parent
-        if group not in newest or _version(found) > _version(newest[group]):
-            newest[group] = found
-    if not newest:
+    found = sorted(path.rglob("metrics.csv"), key=lambda f: (str(f.parent.parent), _version(f)))
+    if not found:
         raise FileNotFoundError(f"No metrics.csv under {path} (log with a CSVLogger).")
+    if all_versions:
+        return found
+    newest: dict[Path, Path] = {}
+    for file in found:  # in version order: the last one of a group wins
+        newest[file.parent.parent if file.parent.name.startswith("version_") else file] = file
     return sorted(newest.values())
 
 
@@ -113,29 +114,69 @@ def _version(path: Path) -> int:
     return int(name.removeprefix("version_")) if name.removeprefix("version_").isdigit() else -1
 
 
-def _learning_rate(folder: Path) -> float | None:
-    """``eos.lr`` from ``hparams.yaml``, else the optimizer's ``lr`` in ``config.yaml``."""
-    hparams, config = folder / "hparams.yaml", folder / "config.yaml"
+class _TolerantLoader(yaml.SafeLoader):
+    """A safe YAML loader that does not fail on unknown tags.
+
+    Lightning writes tuples as ``!!python/tuple``; they are read as plain lists (mappings,
+    strings), never constructed as Python objects.
+    """
+
+
+def _plain_node(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> Any:
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node)
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node)
+    return loader.construct_scalar(node)
+
+
+_TolerantLoader.add_multi_constructor("", _plain_node)
+
+
+def _yaml_file(path: Path) -> dict[str, Any]:
+    """The mapping in ``path``, or ``{}`` if it is missing, unreadable or not a mapping."""
     try:
-        if hparams.is_file():
-            eos = (yaml.safe_load(hparams.read_text()) or {}).get("eos") or {}
-            if isinstance(eos, dict) and isinstance(eos.get("lr"), (int, float)):
-                return float(eos["lr"])
-        if config.is_file():
-            model = (yaml.safe_load(config.read_text()) or {}).get("model") or {}
-            optimizer = (model.get("init_args") or {}).get("optimizer") or {}
-            lr = (optimizer.get("init_args") or {}).get("lr")
-            return float(lr) if isinstance(lr, (int, float)) else None
-    except yaml.YAMLError:
-        return None
-    return None
+        loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_TolerantLoader)  # noqa: S506
+    except (OSError, yaml.YAMLError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _get(mapping: Any, *keys: str) -> Any:
+    """``mapping[k1][k2]...``, or ``None`` where a level is missing or not a mapping."""
+    for key in keys:
+        mapping = mapping.get(key) if isinstance(mapping, dict) else None
+    return mapping
+
+
+def _number(value: Any) -> float | None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
+def _learning_rate(folder: Path) -> float | None:
+    """The run's learning rate, as the monitors logged it in ``hparams.yaml``.
+
+    That is ``eos.initial_lr`` (a torch scheduler's base rate) or else ``eos.lr`` (the rate
+    at the first step); without them, the optimizer's ``lr`` in LightningCLI's
+    ``config.yaml``. Under a warmup from a tiny rate this is the tiny rate: label such runs
+    with ``--labels``.
+    """
+    eos = _get(_yaml_file(folder / "hparams.yaml"), "eos")
+    for key in ("initial_lr", "lr"):
+        if (lr := _number(_get(eos, key))) is not None:
+            return lr
+    config = _yaml_file(folder / "config.yaml")
+    return _number(_get(config, "model", "init_args", "optimizer", "init_args", "lr"))
 
 
 def read_run(path: str | Path, label: str | None = None) -> Run:
     """Read one ``metrics.csv``.
 
     The format is Lightning's ``CSVLogger``'s: a ``step`` column, one column per metric, empty
-    cells where a metric was not logged.
+    cells where a metric was not logged. A step logged twice (a run resumed into the same
+    file, two monitors logging ``eos/loss``) keeps its last value. Rows without a step are
+    skipped; ``nan`` and ``inf`` are read as such.
 
     Args:
         path: the CSV file.
@@ -143,7 +184,8 @@ def read_run(path: str | Path, label: str | None = None) -> Run:
     """
     path = Path(path)
     run = Run(path=path, lr=_learning_rate(path.parent))
-    with path.open(newline="") as file:
+    series: dict[str, dict[int, float]] = {}
+    with path.open(newline="", encoding="utf-8") as file:
         for row in csv.DictReader(file):
             step = row.get("step")
             if not step:
@@ -155,9 +197,8 @@ def read_run(path: str | Path, label: str | None = None) -> Run:
                     value = float(cell)
                 except ValueError:
                     continue
-                run.series.setdefault(key, []).append((int(float(step)), value))
-    for points in run.series.values():
-        points.sort(key=lambda point: point[0])
+                series.setdefault(key, {})[int(float(step))] = value  # the last one wins
+    run.series = {key: sorted(points.items()) for key, points in series.items()}
     run.label = label or _run_name(path)
     return run
 
@@ -172,13 +213,17 @@ def _run_name(path: Path) -> str:
     return folder.name or str(path)
 
 
-def read_runs(paths: Sequence[str | Path], labels: Sequence[str] | None = None) -> list[Run]:
+def read_runs(
+    paths: Sequence[str | Path],
+    labels: Sequence[str] | None = None,
+    all_versions: bool = False,
+) -> list[Run]:
     """Read every run of ``paths`` (files or folders, see :func:`metrics_files`).
 
     Runs with distinct learning rates are labelled ``eta=...`` and ordered by learning rate;
-    otherwise they keep their folder names (made unique) and the given order.
+    otherwise they keep their folder names and the given order. Labels are made unique.
     """
-    files = [found for path in paths for found in metrics_files(path)]
+    files = [found for path in paths for found in metrics_files(path, all_versions)]
     if labels is not None and len(labels) != len(files):
         raise ValueError(f"{len(labels)} labels for {len(files)} runs ({[str(f) for f in files]}).")
     runs = [read_run(f, labels[i] if labels else None) for i, f in enumerate(files)]
@@ -187,12 +232,11 @@ def read_runs(paths: Sequence[str | Path], labels: Sequence[str] | None = None) 
         for run in runs:
             run.label = f"$\\eta$={run.lr:g}"
         runs.sort(key=lambda run: run.lr)
-    elif labels is None:
-        seen: dict[str, int] = {}
-        for run in runs:
-            seen[run.label] = seen.get(run.label, 0) + 1
-            if seen[run.label] > 1:
-                run.label = f"{run.label} ({seen[run.label]})"
+    seen: dict[str, int] = {}
+    for run in runs:
+        seen[run.label] = seen.get(run.label, 0) + 1
+        if seen[run.label] > 1:
+            run.label = f"{run.label} ({seen[run.label]})"
     return runs
 
 
@@ -222,12 +266,14 @@ def draw_report(runs: Sequence[Run], title: str | None = None, dpi: int = 100):
     Each run has one colour; a value is a solid line, its threshold a dashed line of the same
     colour (``gid="threshold:<label>"``, so tests can read the drawn values back).
 
+    The figure is a plain ``matplotlib.figure.Figure``: pyplot and its backend are left
+    alone (a notebook keeps its own), and nothing is shown.
+
     Returns:
-        The matplotlib ``Figure`` (the caller saves and closes it).
+        The figure (``fig.savefig(path)`` writes it).
     """
     if not runs:
         raise ValueError("No runs to report.")
-    plt = _pyplot()
     panels = [p for p in PANELS if any(run.has(p[2]) for run in runs)]
     has_loss = any(_loss_key(run) for run in runs)
     count = len(panels) + has_loss
@@ -238,17 +284,18 @@ def draw_report(runs: Sequence[Run], title: str | None = None, dpi: int = 100):
         )
     ncols = 1 if count == 1 else 2
     nrows = math.ceil(count / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 4 * nrows), dpi=dpi, squeeze=False)
-    axes = list(axes.flat)
+    fig = Figure(figsize=(6 * ncols, 4 * nrows), dpi=dpi)
+    axes = list(fig.subplots(nrows, ncols, squeeze=False).flat)
     for ax in axes[count:]:
         ax.set_visible(False)
-    colors = dict(zip((run.label for run in runs), _colors(len(runs)), strict=True))
+    colors = _colors(len(runs))
     axes = axes[:count]
     if has_loss:
         _draw_loss(axes.pop(0), runs, colors)
     for ax, (name, ylabel, key, threshold, threshold_label) in zip(axes, panels, strict=True):
-        for run in runs:
-            color = colors[run.label]
+        for run, color in zip(runs, colors, strict=True):
+            if key == "eos/sharpness" and run.has("eos/sam_edge"):
+                threshold_label = "SAM-edge"  # eos/threshold is the SAM-edge under SAM
             if run.has(key):
                 ax.plot(run.steps(key), run.values(key), color=color, lw=1.2, label=run.label)
             if run.has(threshold):
@@ -265,7 +312,8 @@ def draw_report(runs: Sequence[Run], title: str | None = None, dpi: int = 100):
                 for step in run.steps("eos/switch_sharpness"):
                     ax.axvline(step, color=color, ls=":", lw=1.0, gid=f"switch:{run.label}")
         _clip_threshold_outliers(ax, runs, key, threshold)
-        ax.set_title(f"{name} (solid) and its threshold (dashed)")
+        with_threshold = any(run.has(threshold) for run in runs)
+        ax.set_title(f"{name} (solid) and its threshold (dashed)" if with_threshold else name)
         ax.set_ylabel(ylabel)
         ax.set_xlabel("step")
         ax.legend(loc="best", fontsize="small")
@@ -311,27 +359,27 @@ def _threshold_label(name: str, run: Run, key: str, num_runs: int) -> str | None
         return None
     if len(set(values)) > 1 or not values:
         return name
-    if key != "eos/ias_threshold" and run.lr:
+    if name == "threshold" and run.lr:  # not the SAM-edge, not 2 rho_b / eta
         return f"{values[0] * run.lr:.4g}/$\\eta$ = {values[0]:.4g}"
     return f"{name} = {values[0]:.4g}"
 
 
-def _draw_loss(ax, runs: Sequence[Run], colors: dict[str, Any]) -> None:
+def _draw_loss(ax, runs: Sequence[Run], colors: list[Any]) -> None:
     """The training loss of each run, log scale when positive, catapults marked at their peak."""
     positive = True
-    for run in runs:
+    for run, color in zip(runs, colors, strict=True):
         key = _loss_key(run)
         if key is None:
             continue
         values = run.values(key)
         positive &= all(v > 0 for v in values if math.isfinite(v))
-        ax.plot(run.steps(key), values, color=colors[run.label], lw=1.0, label=run.label)
+        ax.plot(run.steps(key), values, color=color, lw=1.0, label=run.label)
         if run.has("eos/catapult_peak_loss"):
             ax.plot(
                 run.steps("eos/catapult_peak_loss"),
                 run.values("eos/catapult_peak_loss"),
                 "v",
-                color=colors[run.label],
+                color=color,
                 markeredgecolor="k",
                 ms=7,
                 gid=f"catapults:{run.label}",
@@ -352,22 +400,33 @@ def summarize(run: Run, tail: float = 0.5) -> dict[str, Any]:
     """Numbers a reader checks first.
 
     The last value and the tail range of every ratio to a threshold, the largest sharpness,
-    and the numbers of catapults and optimizer switches.
+    and the numbers of catapults and optimizer switches (non-finite values are left out of
+    the largest value and the range, not of the last).
 
     ``tail`` is the fraction of the last measurements of each ratio that the range covers.
     """
-    summary: dict[str, Any] = {"run": run.label, "lr": run.lr, "csv": str(run.path)}
-    if run.has("eos/sharpness"):
-        summary["max lambda_1"] = max(run.values("eos/sharpness"))
+    summary: dict[str, Any] = {"run": _plain_label(run.label), "lr": run.lr}
+    sharpness = [v for v in run.values("eos/sharpness") if math.isfinite(v)]
+    if sharpness:
+        summary["max lambda_1"] = max(sharpness)
     for key, name in RATIOS:
         ratios = run.values(key)
         if ratios:
             late = ratios[int(len(ratios) * (1 - tail)) :] or ratios[-1:]
+            finite = [v for v in late if math.isfinite(v)]
             summary[f"last {name}"] = ratios[-1]
-            summary[f"{name} range (last {len(late)})"] = (min(late), max(late))
+            summary[f"{name} range (last {tail:.0%})"] = (
+                (min(finite), max(finite)) if finite else None
+            )
     summary["catapults"] = len(run.values("eos/catapult_peak_loss"))
     summary["switches"] = len(run.values("eos/switch_sharpness"))
+    summary["csv"] = str(run.path)
     return summary
+
+
+def _plain_label(label: str) -> str:
+    """A legend label without mathtext, for text and HTML: ``$\\eta$=0.5`` -> ``η=0.5``."""
+    return label.replace("$\\eta$", "η").replace("$", "")
 
 
 def _format(value: Any) -> str:
@@ -392,17 +451,14 @@ def write_report(
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plt = _pyplot()
     fig = draw_report(runs, title, dpi)
-    try:
-        if out.suffix.lower() in (".html", ".htm"):
-            buffer = io.BytesIO()
-            fig.savefig(buffer, format="png")
-            out.write_text(_html(runs, base64.b64encode(buffer.getvalue()).decode(), title))
-        else:
-            fig.savefig(out)
-    finally:
-        plt.close(fig)
+    if out.suffix.lower() in (".html", ".htm"):
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png")
+        page = _html(runs, base64.b64encode(buffer.getvalue()).decode(), title)
+        out.write_text(page, encoding="utf-8")
+    else:
+        fig.savefig(out)
     return out
 
 
@@ -460,14 +516,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--labels", nargs="+", help="one legend name per run")
     parser.add_argument("--title", help="figure title")
     parser.add_argument("--dpi", type=int, default=100)
+    parser.add_argument(
+        "--all-versions",
+        action="store_true",
+        help="every version_N of a logger folder, not only the newest",
+    )
     args = parser.parse_args(argv)
     try:
-        runs = read_runs(args.paths, args.labels)
+        runs = read_runs(args.paths, args.labels, args.all_versions)
+        for run in runs:
+            print(", ".join(f"{k}: {_format(v)}" for k, v in summarize(run).items()))
+        path = write_report(runs, args.out or _default_out(args.paths), args.title, args.dpi)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
-    out = args.out or _default_out(args.paths)
-    for run in runs:
-        summary = summarize(run)
-        print(", ".join(f"{k}: {_format(v)}" for k, v in summary.items() if k != "csv"))
-    print(f"Report written to {write_report(runs, out, args.title, args.dpi)}")
+    print(f"Report written to {path}")
     return 0

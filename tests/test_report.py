@@ -250,3 +250,54 @@ def test_a_threshold_far_above_the_curves_is_clipped_not_drawn_whole(tmp_path):
     assert sharpness_ax.get_ylim() == pytest.approx((0.0, 1.3 * 2.0))
     (threshold,) = [ln for ln in sharpness_ax.get_lines() if (ln.get_gid() or "").startswith("thr")]
     assert max(threshold.get_ydata()) == 2 / 1e-8  # the data stays whole; the view is clipped
+
+
+def test_repeated_steps_non_finite_values_and_python_tuples_are_read_safely(tmp_path, capsys):
+    folder = tmp_path / "run" / "csv" / "version_0"
+    folder.mkdir(parents=True)
+    # step 1 twice (a run resumed into the same file): the last value wins
+    rows = "eos/sharpness,eos/sharpness_ratio,eos/threshold,eos/sam_edge,epoch,step\n"
+    rows += "1.0,0.5,2.0,2.0,0,0\n9.0,9.0,2.0,2.0,0,1\n2.0,1.0,2.0,2.0,0,1\n"
+    rows += "3.0,inf,2.0,2.0,0,2\n4.0,1.2,2.0,2.0,0,3\nnan,nan,2.0,2.0,0,4\n"
+    (folder / "metrics.csv").write_text(rows)
+    # Lightning writes tuples with a python tag that yaml.safe_load refuses
+    hparams = "betas: !!python/tuple\n- 0.9\n- 0.99\neos:\n  lr: 0.001\n  initial_lr: 0.002\n"
+    (folder / "hparams.yaml").write_text(hparams)
+    (run,) = read_runs([tmp_path / "run"])
+    assert run.lr == 0.002  # a scheduler's base rate over the rate at the first step
+    assert run.steps("eos/sharpness") == [0, 1, 2, 3, 4]
+    assert run.values("eos/sharpness")[:4] == [1.0, 2.0, 3.0, 4.0]
+    summary = summarize(run)
+    assert summary["max lambda_1"] == 4.0  # nan is not a maximum
+    assert math.isnan(summary["last lambda_1/thr"])
+    assert summary["lambda_1/thr range (last 50%)"] == (1.2, 1.2)  # inf and nan left out
+    fig = draw_report([run])
+    (threshold,) = [ln for ln in fig.axes[0].get_lines() if ln.get_gid() == "threshold:run"]
+    assert threshold.get_label() == "SAM-edge = 2"  # under SAM, eos/threshold is the SAM-edge
+
+    (folder / "hparams.yaml").write_text("- not a mapping\n")
+    (tmp_path / "run" / "csv" / "version_0" / "config.yaml").write_text("model: a string\n")
+    assert read_runs([tmp_path / "run"])[0].lr is None
+
+    (bare := tmp_path / "bare").mkdir()
+    (bare / "metrics.csv").write_text("eos/sharpness\n1.0\n")  # no step column
+    with pytest.raises(SystemExit):
+        cli_main(["report", str(bare / "metrics.csv"), "--out", str(tmp_path / "x.png")])
+    assert "no loss and no eos/* sharpness" in capsys.readouterr().err
+
+
+def test_a_panel_without_threshold_says_so_and_every_version_can_be_read(tmp_path):
+    for version in (0, 1):
+        folder = tmp_path / "lightning_logs" / f"version_{version}"
+        folder.mkdir(parents=True)
+        rows = "eos/sharpness,eos/preconditioned_sharpness,eos/preconditioned_threshold,step\n"
+        (folder / "metrics.csv").write_text(rows + f"{version + 1.0},3.0,4.0,0\n")
+    assert len(metrics_files(tmp_path)) == 1
+    runs = read_runs([tmp_path], all_versions=True)
+    assert [run.values("eos/sharpness") for run in runs] == [[1.0], [2.0]]
+    assert [run.label for run in runs] == [tmp_path.name, f"{tmp_path.name} (2)"]
+    sharpness_ax, preconditioned_ax = draw_report(runs).axes[:2]
+    assert sharpness_ax.get_title() == "sharpness"  # Adam: no threshold on lambda_1(H)
+    assert preconditioned_ax.get_title().endswith("and its threshold (dashed)")
+    page = write_report(runs, tmp_path / "r.html").read_text(encoding="utf-8")
+    assert page.count("<tr>") == 3 and f"{tmp_path.name} (2)" in page

@@ -199,7 +199,9 @@ def log_run_config(trainer: Trainer, monitor: SharpnessMonitor) -> None:
     """Log :func:`run_config` through every logger, once per trainer (by its last monitor).
 
     Call it in ``on_train_start``, after Lightning logged the module's hyperparameters,
-    so that both land in ``hparams.yaml``, TensorBoard's hparams and the W&B config.
+    so that both land in CSV's and TensorBoard's ``hparams.yaml`` and in the W&B config.
+    TensorBoard's HParams tab keeps the first hparams record only (the module's), so ``eos``
+    is in its ``hparams.yaml`` and event file but not shown in that tab.
     """
     if not trainer.is_global_zero or not _is_last_monitor(trainer, monitor):
         return
