@@ -61,8 +61,9 @@ class Run:
     Attributes:
         path: the ``metrics.csv`` read.
         series: each column's finite-or-not values at the steps where it was logged.
-        lr: the learning rate at the start, from the run's ``hparams.yaml`` (``eos.lr``, as
-            our monitors log it) or LightningCLI's ``config.yaml``; ``None`` if neither has it.
+        lr: the run's learning rate, from ``hparams.yaml`` (``eos.initial_lr`` or ``eos.lr``,
+            as our monitors log them) or LightningCLI's ``config.yaml``; ``None`` if neither
+            has it (see :func:`_learning_rate`).
         label: the run's name in legends.
     """
 

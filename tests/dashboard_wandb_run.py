@@ -1,10 +1,10 @@
-"""A short PHB->GD fit logged to an offline W&B run; prints what W&B kept, as JSON.
+"""A short PHB->GD fit logged to an offline W&B run; writes what W&B kept to OUT/facts.json.
 
 Used by test_dashboard (in a subprocess: W&B pins process-wide state). Usage:
 ``python dashboard_wandb_run.py OUT [broken]``; ``broken`` makes ``wandb.plot.line_series``
 raise, as a W&B client without network or with another API might.
 
-Printed (last line of stdout): the monitor's history, the optimizer's settings, the run's
+Written to ``OUT/facts.json``: the monitor's history, the optimizer's settings, the run's
 summary and config as the ``wandb.Run`` object holds them before ``finish``, and, read
 back from the offline ``.wandb`` file after it, every ``define_metric`` record and config
 update, with the warnings raised during the fit.
@@ -139,7 +139,8 @@ def main(out: Path, broken: bool) -> None:
         p.name.split("_table_")[0]: json.loads(p.read_text())
         for p in file.parent.glob("files/media/table/eos/charts/*.table.json")
     }
-    print(json.dumps(facts, default=str))
+    # a file, not stdout: W&B may still print there while the interpreter exits
+    (out / "facts.json").write_text(json.dumps(facts, default=str))
 
 
 if __name__ == "__main__":

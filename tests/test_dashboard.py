@@ -78,7 +78,7 @@ def _wandb_run(tmp_path, *args):
         env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads((tmp_path / "facts.json").read_text())
 
 
 @pytest.fixture(scope="module")
