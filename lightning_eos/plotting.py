@@ -142,6 +142,16 @@ def plot_ias(
     return _save(fig, path)
 
 
+def tail_values(values: Sequence[float], tail: float) -> list[float]:
+    """The last ``tail`` fraction of ``values`` (at least the last one, if any).
+
+    >>> tail_values([1, 2, 3, 4, 5], 0.5), tail_values([1, 2], 0.1)
+    ([3, 4, 5], [2])
+    """
+    values = list(values)
+    return values[int(len(values) * (1 - tail)) :] or values[-1:]
+
+
 def edge_summary(
     history: Sequence[dict[str, float]], tail: float = 0.5, key: str = "eos/sharpness_ratio"
 ) -> dict[str, float]:
@@ -153,7 +163,7 @@ def edge_summary(
     ratios = [h[key] for h in history if key in h]
     if not ratios:
         raise ValueError(f"No {key} was recorded (is a threshold set?).")
-    late = ratios[int(len(ratios) * (1 - tail)) :] or ratios[-1:]
+    late = tail_values(ratios, tail)
     return {
         "mean": round(sum(late) / len(late), 12),
         "min": min(late),

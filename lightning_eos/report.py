@@ -35,6 +35,8 @@ from typing import Any
 import yaml
 from matplotlib.figure import Figure
 
+from lightning_eos.plotting import tail_values
+
 #: the panels of a report: (title, y label, solid key, dashed threshold key, threshold label)
 PANELS = (
     ("sharpness", "$\\lambda_1(H)$", "eos/sharpness", "eos/threshold", "threshold"),
@@ -337,15 +339,11 @@ def _clip_threshold_outliers(ax, runs: Sequence[Run], key: str, threshold: str) 
     levels = [v for run in runs for v in run.values(threshold) if math.isfinite(v)]
     if not measured or not levels:
         return
-    late = [v for run in runs for v in _second_half(run.values(threshold)) if math.isfinite(v)]
+    late = [v for run in runs for v in tail_values(run.values(threshold), 0.5) if math.isfinite(v)]
     level = max(measured + late)
     if max(levels) > 3 * level > 0:
         bottom = min(0.0, min(measured), min(levels))
         ax.set_ylim(bottom, 1.3 * level)
-
-
-def _second_half(values: list[float]) -> list[float]:
-    return values[len(values) // 2 :]
 
 
 def _threshold_label(name: str, run: Run, key: str, num_runs: int) -> str | None:
@@ -413,7 +411,7 @@ def summarize(run: Run, tail: float = 0.5) -> dict[str, Any]:
     for key, name in RATIOS:
         ratios = run.values(key)
         if ratios:
-            late = ratios[int(len(ratios) * (1 - tail)) :] or ratios[-1:]
+            late = tail_values(ratios, tail)
             finite = [v for v in late if math.isfinite(v)]
             summary[f"last {name}"] = ratios[-1]
             summary[f"{name} range (last {tail:.0%})"] = (
