@@ -122,3 +122,9 @@ def write_image_folder(root: Path, classes, train: int, val: int, size=(48, 40),
             for i in range(count):
                 pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(root / split / name / f"{name}_{i}.JPEG")
+
+
+def truncate(path: Path, fraction: float = 0.5) -> None:
+    """Cut ``path`` to ``fraction`` of its bytes, as an interrupted copy or download leaves it."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])

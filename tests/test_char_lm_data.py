@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,3 +64,43 @@ def test_bad_arguments_name_the_fix(text_file):
         CharLMDataModule(str(path), seq_len=8, holdout_lines=50, num_train=10**6).setup()
     with pytest.raises(ValueError, match="seq_len"):
         CharLMDataModule(str(path), seq_len=0)
+
+
+CHAR_RNN = (
+    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+)
+
+
+def no_file(path: Path) -> None:
+    pass
+
+
+def a_folder(path: Path) -> None:
+    path.mkdir()
+
+
+def latin1_text(path: Path) -> None:
+    path.write_bytes("Thou art a caf\u00e9.\n".encode("latin-1"))
+
+
+BAD_FILES = {  # how the path is made, the error, the message's headline
+    "missing": (no_file, FileNotFoundError, FileNotFoundError, "{path} not found."),
+    "folder": (a_folder, FileNotFoundError, IsADirectoryError, "{path} is a folder, not a text"),
+    "latin-1": (latin1_text, ValueError, UnicodeDecodeError, "{path} is not UTF-8 text ("),
+}
+
+
+@pytest.mark.parametrize(("make", "error", "cause", "headline"), BAD_FILES.values(), ids=BAD_FILES)
+def test_bad_text_file_says_what_is_expected_and_where_it_comes_from(
+    tmp_path, make, error, cause, headline
+):
+    path = tmp_path / "input.txt"
+    make(path)
+    data = CharLMDataModule(str(path), seq_len=8, holdout_lines=1)  # constructing reads nothing
+    with pytest.raises(error, match=f"^{re.escape(headline.format(path=path))}") as err:
+        data.setup()
+    message = str(err.value)
+    assert "expects a plain UTF-8 text file, such as tiny-shakespeare's input.txt" in message
+    assert f"from karpathy/char-rnn: {CHAR_RNN}." in message
+    assert "Nothing is downloaded at run time" in message
+    assert isinstance(err.value.__cause__, cause)  # the original, chained

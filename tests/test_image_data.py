@@ -7,7 +7,10 @@ CIFAR batches are pickled the way Python 2 wrote the originals (py2 ``str`` opco
 
 from __future__ import annotations
 
+import hashlib
 import pickle
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,7 @@ import pytest
 import torch
 from data_files import (
     PER_CLASS,
+    truncate,
     write_cifar10,
     write_cifar100,
     write_image_folder,
@@ -22,6 +26,7 @@ from data_files import (
 )
 from PIL import Image
 from torch.utils.data import DistributedSampler
+from torchvision.datasets import CIFAR10
 
 from lightning_eos.data import CIFARDataModule, ImageNetSubsetDataModule, MNISTDataModule
 from lightning_eos.data._subsets import balanced_subset
@@ -129,13 +134,100 @@ def test_cifar_normalization_uses_training_statistics(cifar10, dtype):
     assert torch.allclose(std.x_val.double(), (raw.x_val - mean) / scale, atol=tol)
 
 
+CIFAR_PAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
+CIFAR_LAYOUTS = {  # title, archive, and the folder and files it unpacks to
+    "cifar10": (
+        "CIFAR-10",
+        "cifar-10-python.tar.gz",
+        "cifar-10-batches-py",
+        "data_batch_1, data_batch_2, data_batch_3, data_batch_4, data_batch_5, test_batch, "
+        "batches.meta",
+    ),
+    "cifar100": ("CIFAR-100", "cifar-100-python.tar.gz", "cifar-100-python", "train, test, meta"),
+}
+CIFAR_WRITERS = {"cifar10": write_cifar10, "cifar100": write_cifar100}
+
+
+def assert_names_cifar_layout(message: str, root: Path, dataset: str) -> None:
+    """The message gives the expected files, where they come from, and that none is fetched."""
+    title, archive, folder, files = CIFAR_LAYOUTS[dataset]
+    assert f"python version of {title} ({archive} from {CIFAR_PAGE})" in message
+    assert f"{root / folder}/ holding {files}." in message
+    assert "setup never downloads" in message
+
+
 def test_cifar_verify_keeps_torchvisions_md5_check(cifar10):
     root, _ = cifar10
     data = CIFARDataModule(str(root), num_train=100, num_val=20)  # verify=True
-    with pytest.raises(RuntimeError, match="not found or corrupted"):
+    batch = root / "cifar-10-batches-py" / "data_batch_1"  # written here: not the original
+    with pytest.raises(ValueError, match=f"^{re.escape(str(batch))} fails torchvision's md5"):
         data.setup()
-    with pytest.raises(RuntimeError, match="not found or corrupted"):
+    with pytest.raises(FileNotFoundError, match="cifar-10-batches-py does not exist"):
         cifar(root / "missing")  # verify=False still needs the files
+
+
+@pytest.mark.parametrize("verify", [True, False], ids=lambda v: f"verify={v}")
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"], ids=lambda d: f"dataset={d}")
+def test_cifar_missing_folder_names_the_layout_and_source(tmp_path, dataset, verify):
+    folder = tmp_path / CIFAR_LAYOUTS[dataset][2]
+    with pytest.raises(FileNotFoundError, match=f"^{re.escape(str(folder))} does not exist") as err:
+        cifar(tmp_path, dataset=dataset, verify=verify)
+    assert_names_cifar_layout(str(err.value), tmp_path, dataset)
+    assert isinstance(err.value.__cause__, RuntimeError)  # torchvision's, chained
+
+
+def test_cifar_missing_file_is_named(tmp_path):
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    path.unlink()
+    with pytest.raises(FileNotFoundError, match=f"^Not found: {re.escape(str(path))}\\.") as err:
+        cifar(tmp_path)
+    assert_names_cifar_layout(str(err.value), tmp_path, "cifar10")
+
+
+TRUNCATED = [
+    ("cifar10", "data_batch_1"),
+    ("cifar10", "test_batch"),
+    ("cifar10", "batches.meta"),
+    ("cifar100", "train"),
+    ("cifar100", "meta"),
+]
+
+
+@pytest.mark.parametrize(("dataset", "name"), TRUNCATED, ids=[f"{d}-{n}" for d, n in TRUNCATED])
+def test_cifar_truncated_file_is_named(tmp_path, dataset, name):
+    CIFAR_WRITERS[dataset](tmp_path)
+    path = tmp_path / CIFAR_LAYOUTS[dataset][2] / name
+    truncate(path)
+    headline = (
+        f"^{re.escape(str(path))} is truncated or corrupt \\(\\d+ bytes; (UnpicklingError|EOFError)"
+    )
+    with pytest.raises(ValueError, match=headline) as err:
+        cifar(tmp_path, dataset=dataset, num_train=None, num_val=None)
+    assert_names_cifar_layout(str(err.value), tmp_path, dataset)
+    assert isinstance(err.value.__cause__, (pickle.UnpicklingError, EOFError))  # chained
+
+
+def test_cifar_md5_check_names_the_truncated_file(tmp_path, monkeypatch):
+    write_cifar10(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+
+    def md5(name: str) -> str:
+        return hashlib.md5((folder / name).read_bytes()).hexdigest()
+
+    # torchvision's sums made those of the written files, so they pass as the originals do
+    monkeypatch.setattr(CIFAR10, "train_list", [[n, md5(n)] for n, _ in CIFAR10.train_list])
+    monkeypatch.setattr(CIFAR10, "test_list", [[n, md5(n)] for n, _ in CIFAR10.test_list])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5("batches.meta")})
+    assert cifar(tmp_path, verify=True).x_train.shape == (100, 3, 32, 32)
+    path = folder / "data_batch_3"
+    expected = md5("data_batch_3")
+    truncate(path)
+    headline = f"^{re.escape(str(path))} fails torchvision's md5 check \\(expected {expected}"
+    with pytest.raises(ValueError, match=headline) as err:
+        cifar(tmp_path, verify=True)
+    assert "truncated, corrupt or not the original" in str(err.value)
+    assert_names_cifar_layout(str(err.value), tmp_path, "cifar10")
 
 
 @pytest.mark.parametrize(
@@ -304,6 +396,72 @@ def test_imagefolder_errors_name_the_fix(folder):
         imagenet(folder, classes=["n01", "n09"])
     with pytest.raises(ValueError, match="choose 'folder'"):
         ImageNetSubsetDataModule(str(folder), source="hub")
+
+
+def assert_names_imagefolder_layout(message: str, root: Path) -> None:
+    """The message gives the expected tree, that it is ILSVRC-2012's, and that none is fetched."""
+    assert f"{root}/train/<wnid>/*.JPEG and {root}/val/<wnid>/*.JPEG" in message
+    assert "ILSVRC-2012" in message and "https://image-net.org" in message
+    assert "that you provide locally" in message and "Nothing is downloaded" in message
+
+
+@pytest.mark.parametrize("classes", [2, ["n01", "n02"]], ids=["classes=2", "classes=names"])
+def test_imagefolder_empty_root_names_the_layout_and_source(tmp_path, classes):
+    headline = f"{tmp_path / 'train'} does not exist ({tmp_path} is empty)."
+    with pytest.raises(FileNotFoundError, match=f"^{re.escape(headline)}") as err:
+        imagenet(tmp_path, classes=classes)
+    assert_names_imagefolder_layout(str(err.value), tmp_path)
+    root = tmp_path / "nowhere"
+    with pytest.raises(
+        FileNotFoundError, match=f"^{re.escape(str(root))} does not exist\\."
+    ) as err:
+        imagenet(root, classes=classes)
+    assert_names_imagefolder_layout(str(err.value), root)
+
+
+def remove_val(root: Path) -> None:
+    shutil.rmtree(root / "val")
+
+
+def empty_train(root: Path) -> None:
+    shutil.rmtree(root / "train")
+    (root / "train").mkdir()
+
+
+def flatten_val(root: Path) -> None:
+    """The validation images straight in ``val/``, as ILSVRC-2012's archive holds them."""
+    for image in list((root / "val").glob("*/*.JPEG")):
+        image.rename(root / "val" / image.name)
+    for name in ("n01", "n02"):
+        (root / "val" / name).rmdir()
+
+
+def empty_val_class(root: Path) -> None:
+    for image in (root / "val" / "n02").iterdir():
+        image.unlink()
+
+
+def keep(root: Path) -> None:
+    pass
+
+
+BROKEN_TREES = {  # what breaks the tree, the classes asked for, the message's headline
+    "val-missing": (remove_val, ["n01", "n02"], "{root}/val does not exist."),
+    "train-without-classes": (empty_train, 2, "{root}/train holds no class folders."),
+    "val-flat": (flatten_val, ["n01", "n02"], "{root}/val holds no class folders."),
+    "val-class-without-images": (empty_val_class, 2, "No images in {root}/val/n02 (torchvision"),
+    "class-missing": (keep, ["n01", "n09"], "class folders ['n09'] not found in {root}/train;"),
+}
+
+
+@pytest.mark.parametrize(("damage", "classes", "headline"), BROKEN_TREES.values(), ids=BROKEN_TREES)
+def test_imagefolder_broken_tree_names_the_folder_and_layout(tmp_path, damage, classes, headline):
+    write_image_folder(tmp_path, ("n01", "n02"), train=2, val=1)
+    damage(tmp_path)
+    headline = re.escape(headline.format(root=tmp_path))
+    with pytest.raises(FileNotFoundError, match=f"^{headline}") as err:
+        imagenet(tmp_path, classes=classes, images_per_class=1, val_per_class=1)
+    assert_names_imagefolder_layout(str(err.value), tmp_path)
 
 
 # ----------------------------------------------------------------------------- all modules

@@ -4,16 +4,20 @@ Paper 001 trains on a 2-class, 2k-example CIFAR-10 subset (``classes=[0, 1],
 num_train=2000``); paper 002, after Cohen et al., uses CIFAR-10 subsets with one-hot
 targets and MSE, full batch. The data are torchvision's
 :class:`~torchvision.datasets.CIFAR10` / :class:`~torchvision.datasets.CIFAR100`: the
-python pickle batches under ``root/cifar-10-batches-py/`` or ``root/cifar-100-python/``.
+python pickle batches under ``root/cifar-10-batches-py/`` or ``root/cifar-100-python/``
+(the "python version" from https://www.cs.toronto.edu/~kriz/cifar.html).
 """
 
 from __future__ import annotations
 
+import os
+import pickle
 from typing import Literal
 
 import torch
 from torch import Tensor
 from torchvision.datasets import CIFAR10, CIFAR100
+from torchvision.datasets.utils import check_integrity
 
 from lightning_eos.data._subsets import (
     Normalize,
@@ -29,6 +33,9 @@ from lightning_eos.data.synthetic import DType
 __all__ = ["CIFARDataModule"]
 
 CIFARName = Literal["cifar10", "cifar100"]
+
+_TITLES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+_CIFAR_PAGE = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
 
 class _UnverifiedCIFAR10(CIFAR10):
@@ -55,6 +62,16 @@ _DATASETS = {
 }
 
 
+def _unpickling_error(path: str, key: str) -> str | None:
+    """Why ``path`` does not unpickle (as torchvision reads it) to a dict with ``key``."""
+    try:
+        with open(path, "rb") as file:
+            pickle.load(file, encoding="latin1")[key]
+    except Exception as err:  # a damaged pickle can fail in almost any way
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
 class CIFARDataModule(_ImageSubsetDataModule):
     """A seeded, class-balanced subset of CIFAR-10 or CIFAR-100, as tensors.
 
@@ -76,7 +93,9 @@ class CIFARDataModule(_ImageSubsetDataModule):
     serve the validation subset.
 
     ``download=True`` downloads in :meth:`prepare_data` (one process per node, before
-    :meth:`setup`); :meth:`setup` never downloads.
+    :meth:`setup`); :meth:`setup` never downloads. A missing folder or file makes
+    :meth:`setup` raise :class:`FileNotFoundError`, a truncated or corrupt one
+    :class:`ValueError`; both name the file and the expected layout.
 
     Args:
         root: the folder holding ``cifar-10-batches-py/`` or ``cifar-100-python/``.
@@ -147,13 +166,60 @@ class CIFARDataModule(_ImageSubsetDataModule):
             self._split(True, download=True)
             self._split(False, download=True)
 
+    def _layout_error(self, error: type[Exception], problem: str) -> Exception:
+        """``problem``, followed by the expected files and where they come from."""
+        cls = _DATASETS[self.dataset, self.verify]
+        names = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+        return error(
+            f"{problem} {type(self).__name__} expects the python version of "
+            f"{_TITLES[self.dataset]} ({cls.filename} from {_CIFAR_PAGE}) extracted in "
+            f"{self.root}, as {os.path.join(self.root, cls.base_folder)}/ holding "
+            f"{', '.join(names)}. setup never downloads: download and extract it there, or "
+            "pass download=True to fetch it in prepare_data."
+        )
+
+    def _damaged_file(self) -> Exception | None:
+        """An error naming the first missing, truncated or corrupt file, or ``None``."""
+        cls = _DATASETS[self.dataset, self.verify]
+        folder = os.path.join(self.root, cls.base_folder)
+        files = [(name, md5, "data") for name, md5 in cls.train_list + cls.test_list]
+        files.append((cls.meta["filename"], cls.meta["md5"], cls.meta["key"]))
+        if not os.path.isdir(folder):
+            return self._layout_error(FileNotFoundError, f"{folder} does not exist.")
+        missing = [os.path.join(folder, n) for n, _, _ in files]
+        missing = [path for path in missing if not os.path.isfile(path)]
+        if missing:
+            return self._layout_error(FileNotFoundError, f"Not found: {', '.join(missing)}.")
+        for name, md5, key in files:
+            path = os.path.join(folder, name)
+            size = f"{os.path.getsize(path)} bytes"
+            if md5 is not None and not check_integrity(path, md5):
+                return self._layout_error(
+                    ValueError,
+                    f"{path} fails torchvision's md5 check (expected {md5}; {size}): it is "
+                    "truncated, corrupt or not the original (verify=False skips this check, "
+                    "for files you wrote yourself).",
+                )
+            error = _unpickling_error(path, key)
+            if error is not None:
+                return self._layout_error(
+                    ValueError, f"{path} is truncated or corrupt ({size}; {error})."
+                )
+        return None
+
     def _load(self, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         out, indices = [], []
         for train, num, name in (
             (True, self.num_train, "num_train"),
             (False, self.num_val, "num_val"),
         ):
-            split = self._split(train)
+            try:
+                split = self._split(train)
+            except Exception as err:  # torchvision says neither which file nor what is wrong
+                damaged = self._damaged_file()
+                if damaged is None:
+                    raise
+                raise damaged from err
             labels = torch.as_tensor(split.targets, dtype=torch.long)
             idx = balanced_subset(labels, num, self.classes, self.balanced, generator, name)
             images = torch.from_numpy(split.data[idx.numpy()]).permute(0, 3, 1, 2).contiguous()

@@ -5,18 +5,20 @@ on ``root/train/<class>/*`` and ``root/val/<class>/*`` (``source="folder"``: an 
 ImageNet, or any data set laid out that way), or :class:`~torchvision.datasets.ImageNet`
 (``source="imagenet"``: the official archives and devkit in ``root``, which torchvision
 extracts on first use; class names are then WordNet ids such as ``"n01440764"``).
+Nothing is downloaded: the ILSVRC-2012 images (https://image-net.org) must be on disk.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import Tensor
 from torchvision import transforms
 from torchvision.datasets import ImageFolder, ImageNet
-from torchvision.datasets.folder import find_classes
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from lightning_eos.data._subsets import (
     Normalize,
@@ -31,26 +33,83 @@ __all__ = ["ImageNetSubsetDataModule"]
 
 Source = Literal["folder", "imagenet"]
 
+_FOLDER_LAYOUT = (
+    "ImageNetSubsetDataModule(source='folder') reads an ImageFolder tree that you provide "
+    "locally: {root}/train/<wnid>/*.JPEG and {root}/val/<wnid>/*.JPEG, one folder per class "
+    "(WordNet ids such as n01440764, or any names), the validation images sorted into class "
+    "folders too. Nothing is downloaded: get ILSVRC-2012 (ImageNet-1k) from "
+    "https://image-net.org and extract it in that layout, or put its archives and devkit in "
+    "{root} and pass source='imagenet' (torchvision then extracts them into it)."
+)
+
+
+def _layout_error(problem: str, root: str) -> FileNotFoundError:
+    """``problem``, followed by the folder layout that ``source="folder"`` expects."""
+    return FileNotFoundError(f"{problem} {_FOLDER_LAYOUT.format(root=root)}")
+
+
+def _class_folders(root: str, split: str) -> list[str]:
+    """The sorted class folders of ``root/split``, as torchvision's ``find_classes`` lists them.
+
+    Raises:
+        FileNotFoundError: if ``root/split`` does not exist or holds no folder.
+    """
+    directory = os.path.join(root, split)
+    if not os.path.isdir(directory):
+        if os.path.isdir(root):
+            empty = "" if os.listdir(root) else f" ({root} is empty)"
+            raise _layout_error(f"{directory} does not exist{empty}.", root)
+        problem = "is not a folder" if os.path.exists(root) else "does not exist"
+        raise _layout_error(f"{root} {problem}.", root)
+    names = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir())
+    if not names:
+        raise _layout_error(f"{directory} holds no class folders.", root)
+    return names
+
 
 class _ClassesFolder(ImageFolder):
-    """:class:`~torchvision.datasets.ImageFolder` over the named class folders only.
+    """:class:`~torchvision.datasets.ImageFolder` over the named class folders of ``root/split``.
 
     Only those folders are scanned (not all 1000 of ImageNet), and their labels are their
     positions in ``names``.
     """
 
-    def __init__(self, root: str, names: list[str], **kwargs) -> None:
-        self._names = list(names)
-        super().__init__(root, **kwargs)
+    def __init__(self, root: str, split: str, names: list[str], **kwargs) -> None:
+        self._data_root, self._split, self._names = root, split, list(names)
+        super().__init__(os.path.join(root, split), **kwargs)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         missing = [n for n in self._names if not os.path.isdir(os.path.join(directory, n))]
         if missing:
-            raise FileNotFoundError(
+            _class_folders(self._data_root, self._split)  # a missing or empty split says so
+            raise _layout_error(
                 f"class folders {missing} not found in {directory}; choose classes that "
-                "exist in both root/train and root/val."
+                "exist in both root/train and root/val.",
+                self._data_root,
             )
         return list(self._names), {n: i for i, n in enumerate(self._names)}
+
+    def make_dataset(
+        self,
+        directory: str,
+        class_to_idx: dict[str, int],
+        extensions: tuple[str, ...] | None = None,
+        is_valid_file: Callable[[str], bool] | None = None,
+        allow_empty: bool = False,
+    ) -> list[tuple[str, int]]:
+        # torchvision's own error names the empty classes but not their folder
+        samples = super().make_dataset(
+            directory, class_to_idx, extensions, is_valid_file, allow_empty=True
+        )
+        found = {label for _, label in samples}
+        empty = [os.path.join(directory, n) for n, i in class_to_idx.items() if i not in found]
+        if empty and not allow_empty:
+            raise _layout_error(
+                f"No images in {', '.join(empty)} (torchvision reads "
+                f"{', '.join(extensions or IMG_EXTENSIONS)}).",
+                self._data_root,
+            )
+        return samples
 
 
 class ImageNetSubsetDataModule(_ImageSubsetDataModule):
@@ -70,7 +129,9 @@ class ImageNetSubsetDataModule(_ImageSubsetDataModule):
     labels); ``train_files``, ``val_files`` are the chosen images' paths and
     ``class_names`` the kept classes (the validation and test loaders both serve the
     validation subset). ``source="imagenet"`` is passed to torchvision as is
-    (it needs the devkit, and scans the whole split once).
+    (it needs the devkit, and scans the whole split once). With ``source="folder"``, a
+    missing or empty ``root``, split, class folder or a class folder without images makes
+    :meth:`setup` raise :class:`FileNotFoundError` naming the folder and the layout.
 
     Args:
         root: the folder holding ``train/`` and ``val/`` (``"folder"``), or ImageNet's
@@ -149,7 +210,7 @@ class ImageNetSubsetDataModule(_ImageSubsetDataModule):
         """The split's dataset and the dataset labels of the kept classes, in order."""
         if self.source == "folder":
             dataset = _ClassesFolder(
-                os.path.join(self.root, split), self.class_names, transform=self._transform()
+                self.root, split, self.class_names, transform=self._transform()
             )
             return dataset, list(range(len(self.class_names)))
         dataset = ImageNet(self.root, split=split, transform=self._transform())
@@ -162,7 +223,7 @@ class ImageNetSubsetDataModule(_ImageSubsetDataModule):
         if not isinstance(self.classes, int):
             return list(self.classes)
         if self.source == "folder":
-            names = find_classes(os.path.join(self.root, "train"))[0]
+            names = _class_folders(self.root, "train")
         else:
             names = sorted(ImageNet(self.root, split="train").wnids)
         if self.classes > len(names):

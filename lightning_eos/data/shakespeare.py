@@ -13,6 +13,13 @@ from lightning_eos.data._loaders import seeded_loader
 
 __all__ = ["CharLMDataModule"]
 
+_SOURCE = (
+    "CharLMDataModule expects a plain UTF-8 text file, such as tiny-shakespeare's input.txt "
+    "(about 1.1 MB) from karpathy/char-rnn: https://raw.githubusercontent.com/karpathy/"
+    "char-rnn/master/data/tinyshakespeare/input.txt. Nothing is downloaded at run time: "
+    "save the file locally and pass its path."
+)
+
 
 class CharLMDataModule(L.LightningDataModule):
     """Next-character prediction on a local text file (tiny-shakespeare in paper 003).
@@ -33,6 +40,9 @@ class CharLMDataModule(L.LightningDataModule):
         seed: seed of the window subset and of minibatch shuffling.
         batch_size: ``None`` for full batch.
         shuffle: shuffle minibatches (seeded; irrelevant in full batch).
+
+    :meth:`setup` raises :class:`FileNotFoundError` if ``path`` is not a file and
+    :class:`ValueError` if it is not UTF-8; both say where the text comes from.
 
     Example:
         >>> import tempfile, os
@@ -90,7 +100,14 @@ class CharLMDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.x_train is not None:
             return
-        text = Path(self.path).read_text(encoding="utf-8")
+        try:
+            text = Path(self.path).read_text(encoding="utf-8")
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{self.path} not found. {_SOURCE}") from err
+        except IsADirectoryError as err:
+            raise FileNotFoundError(f"{self.path} is a folder, not a text file. {_SOURCE}") from err
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{self.path} is not UTF-8 text ({err}). {_SOURCE}") from err
         self.vocab = sorted(set(text))
         self._index = {c: i for i, c in enumerate(self.vocab)}
         lines = text.splitlines(keepends=True)
