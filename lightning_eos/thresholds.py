@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "UndefinedThresholdError",
     "UnsupportedOptimizerError",
     "ema_heavy_ball_threshold",
     "ema_nesterov_threshold",
@@ -60,7 +61,30 @@ class UnsupportedOptimizerError(TypeError):
     """The optimizer has no known stability threshold."""
 
 
+class UndefinedThresholdError(ValueError):
+    """The optimizer is supported, but its settings right now define no single threshold.
+
+    A learning rate of 0 (a warmup from 0, a schedule annealed to 0, a frozen param group)
+    leaves the method unconditionally stable: :math:`2/\\eta` has no finite value. Param
+    groups with different thresholds (layer-wise learning rates) have no common one on
+    :math:`\\lambda_1(H)`. The monitors then log the sharpness without a threshold.
+    """
+
+
+class GroupsDisagreeError(UnsupportedOptimizerError, UndefinedThresholdError):
+    """The param groups imply different thresholds; no single one exists.
+
+    An :class:`UndefinedThresholdError` (the monitors measure without a threshold) that is
+    also an :class:`UnsupportedOptimizerError`, as it was before that class existed.
+    """
+
+
 def _check_lr(lr: float) -> None:
+    if lr == 0:
+        raise UndefinedThresholdError(
+            "The learning rate is 0: the step does not move, and the threshold "
+            "(e.g. 2/lr) is undefined."
+        )
     if not lr > 0:
         raise ValueError(f"The learning rate must be positive, got {lr}.")
 
@@ -147,8 +171,10 @@ def ema_update_threshold(
     >>> math.isclose(nesterov, ema_nesterov_threshold(1.0, 0.9))
     True
     """
-    if not (grad_lr >= 0 and momentum_lr >= 0 and grad_lr + momentum_lr > 0):
-        raise ValueError(f"Need nonnegative step sizes, not both zero: {grad_lr}, {momentum_lr}.")
+    if not (grad_lr >= 0 and momentum_lr >= 0):
+        raise ValueError(f"Need nonnegative step sizes: {grad_lr}, {momentum_lr}.")
+    if grad_lr + momentum_lr == 0:
+        raise UndefinedThresholdError("Both step sizes are 0: the threshold is undefined.")
     if not 0 <= beta < 1:
         raise ValueError(f"beta={beta} must be in [0, 1).")
     if not 0 <= decay < 2:
@@ -326,8 +352,9 @@ def stability_threshold(optimizer: Any) -> float:
         optimizer: a ``torch.optim.Optimizer`` or Lightning's ``LightningOptimizer``.
 
     Raises:
-        UnsupportedOptimizerError: for other optimizers, or param groups whose
-            thresholds differ (one scalar threshold does not exist then).
+        UnsupportedOptimizerError: for other optimizers and unsupported settings.
+        UndefinedThresholdError: a param group has learning rate 0, or the groups' thresholds
+            differ (:class:`GroupsDisagreeError`); one scalar threshold does not exist then.
 
     Example:
         >>> from lightning_eos.optim import HeavyBall
@@ -360,9 +387,16 @@ def stability_threshold(optimizer: Any) -> float:
             "adaptive optimizer use preconditioned_threshold. Pass threshold=None to measure "
             "the sharpness without a threshold, or a number to fix one."
         )
-    values = {group_threshold(g) for g in optimizer.param_groups}
+    values, undefined = set(), None
+    for group in optimizer.param_groups:  # unsupported settings of any group come first
+        try:
+            values.add(group_threshold(group))
+        except UndefinedThresholdError as err:
+            undefined = undefined or err
+    if undefined is not None:
+        raise undefined
     if len(values) > 1:
-        raise UnsupportedOptimizerError(
+        raise GroupsDisagreeError(
             "The param groups imply different thresholds "
             f"({sorted(values)}); a single threshold on lambda_1(H) does not exist."
         )
@@ -431,7 +465,5 @@ def sam_threshold(optimizer: Any, grad_norm: float) -> float:
         )
     values = {sam_edge(float(g["lr"]), float(g["rho"]), grad_norm) for g in optimizer.param_groups}
     if len(values) > 1:
-        raise UnsupportedOptimizerError(
-            "SAM param groups with different (lr, rho) have no single edge."
-        )
+        raise GroupsDisagreeError("SAM param groups with different (lr, rho) have no single edge.")
     return values.pop()

@@ -30,6 +30,7 @@ from lightning_eos.curvature.gradient_moments import (
     sampling_coefficient,
 )
 from lightning_eos.curvature.hessian import (
+    FailedOnAnotherProcessError,
     HessianOperator,
     HVPMethod,
     LossFn,
@@ -46,6 +47,7 @@ __all__ = [
     "HVPMethod",
     "LossFn",
     "NonFiniteCurvatureError",
+    "FailedOnAnotherProcessError",
     "PreconditionedOperator",
     "flatten",
     "unflatten",

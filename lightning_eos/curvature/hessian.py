@@ -68,6 +68,10 @@ class NonFiniteCurvatureError(FloatingPointError):
     """A loss, gradient or Hessian-vector product in a measurement was NaN or infinite."""
 
 
+class FailedOnAnotherProcessError(RuntimeError):
+    """Raised on the other processes when a measurement fails on one of them (see its error)."""
+
+
 def flatten(tensors: Sequence[Tensor]) -> Tensor:
     """Concatenate tensors into one flat vector."""
     return torch.cat([t.reshape(-1) for t in tensors])
@@ -261,8 +265,8 @@ class HessianOperator:
         fails sends NaNs, plus a flag in the same reduction when the failure is not a
         non-finite value, so every process raises together instead of leaving the others
         waiting: :class:`NonFiniteCurvatureError` for non-finite values, the original
-        error on the process where anything else went wrong and a ``RuntimeError`` on the
-        others.
+        error on the process where anything else went wrong and a
+        :class:`FailedOnAnotherProcessError` on the others.
         """
         dtype = dtype or self.dtype
         try:
@@ -281,7 +285,9 @@ class HessianOperator:
             if failed:
                 raise error
             if failures > 0:
-                raise RuntimeError("The measurement failed on another process; see its error.")
+                raise FailedOnAnotherProcessError(
+                    "The measurement failed on another process; see its error."
+                )
         if not torch.isfinite(total).all():
             where = f" ({error})" if error is not None else ""
             raise NonFiniteCurvatureError(f"A measurement value is not finite{where}.")
