@@ -119,6 +119,7 @@ def main(out: Path, broken: bool) -> None:
     run = logger.experiment
     facts = {
         "history": monitor.history,
+        "run_id": monitor.run_id,
         "global_step": trainer.global_step,
         "lr": LR,
         "momentum": MOMENTUM,

@@ -106,6 +106,13 @@ def nan_on_rank_one_at_step_two(module, batch):
     return loss
 
 
+def error_on_rank_one_at_step_two(module, batch):
+    if module.trainer.global_rank == 1 and module.trainer.global_step == 2:
+        raise ValueError("a loss that cannot be evaluated on rank 1")
+    x, y = batch
+    return F.cross_entropy(module.net(x), y)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scenario", required=True)
@@ -120,11 +127,12 @@ def main() -> None:
     L.seed_everything(0, verbose=False)
     scenario = args.scenario
     full_batch = scenario in ("exact", "bn", "adam", "sam", "sam-replica", "ias", "switch")
+    num_train = 100 if scenario == "ias" else 200  # the IAS population is the training set
     data = DigitsDataModule(
-        num_train=200,
+        num_train=num_train,
         num_val=50,
         target="label",
-        batch_size=(200 // args.devices) if full_batch else 32,
+        batch_size=(num_train // args.devices) if full_batch else 32,
         shuffle=not full_batch,
     )
     model = Net(
@@ -144,7 +152,9 @@ def main() -> None:
         num_samples=100,
         chunk_size=30,  # 30, 30, 30, 10: uneven shards of 60 and 40 samples
         tol=1e-8,
-        loss_fn=nan_on_rank_one_at_step_two if scenario == "nan" else None,
+        loss_fn={"nan": nan_on_rank_one_at_step_two, "error": error_on_rank_one_at_step_two}.get(
+            scenario
+        ),
         threshold=None if scenario == "bn" else "auto",
         alignment=scenario == "sam",
     )
@@ -166,7 +176,7 @@ def main() -> None:
         loader = torch.utils.data.DataLoader(data.train_set, batch_size=30)
         monitor.dataloader = {"a": loader} if os.environ.get("LOCAL_RANK", "0") == "1" else loader
     callbacks = [] if args.no_monitor else [monitor]
-    # b, replacement and n read from the (distributed) loader: 100 per rank x 2 = n = 200
+    # b, replacement and n read from the (distributed) loader: 50 per rank x 2 = n = 100
     read_b = IASMonitor(every_n_steps=3, measure_at_start=False, sharpness=False)
     if scenario == "ias":
         callbacks.append(read_b)
@@ -194,6 +204,7 @@ def main() -> None:
             "bn": 1,
             "perturb": 6,
             "nan": 6,
+            "error": 6,
         }.get(scenario, 8),
         logger=CSVLogger(out, name="csv"),
         callbacks=callbacks,

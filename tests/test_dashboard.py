@@ -127,6 +127,7 @@ def test_wandb_summary_is_the_peak_sharpness_and_the_last_ratio(wandb_run):
 def test_wandb_config_holds_the_optimizer_and_its_threshold(wandb_run):
     eos = wandb_run["run_config"]["eos"]
     assert eos == {
+        "run_id": wandb_run["run_id"],  # the id eos_history.csv rows carry
         "optimizer": "HeavyBall",
         "lr": wandb_run["lr"],
         "momentum": wandb_run["momentum"],  # at the start; the switch to GD comes later
@@ -260,6 +261,7 @@ def test_csv_and_tensorboard_get_the_eos_scalars_and_the_run_config(tmp_path):
         assert scalars[key] == [(s, pytest.approx(v, rel=1e-6)) for s, v in points], key
 
     eos = {
+        "run_id": monitors[0].run_id,  # the first monitor's, the trainer's
         "optimizer": "SGD",
         "lr": lr,
         "momentum": beta,

@@ -108,7 +108,7 @@ def test_ias_monitor_under_ddp_logs_the_single_process_values(tmp_path):
     # a second monitor reads b from the loader: per-rank batch x world size = n (GD)
     for rank in (single, *ranks):
         sampling, history = rank["read_b"]
-        assert sampling == (200, False, 200) and [h["step"] for h in history] == [3]
+        assert sampling == (100, False, 100) and [h["step"] for h in history] == [3]
         assert history[0]["eos/rho_b"] == 1.0
         assert history[0]["eos/ias"] == pytest.approx(single["read_b"][1][0]["eos/ias"], rel=1e-5)
     one, two = _logged(tmp_path / "one", IAS_KEYS), _logged(tmp_path / "two", IAS_KEYS)
@@ -239,6 +239,30 @@ def test_a_nan_on_one_rank_skips_the_measurement_on_every_rank(tmp_path):
     for rank in ranks:
         assert [h["step"] for h in rank["history"]] == [0, 4, 6]
     assert sorted(_logged(tmp_path)) == [0, 4, 6]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_an_error_on_one_rank_is_shown_with_that_ranks_message_and_training_goes_on(
+    tmp_path, strategy
+):
+    cmd = [sys.executable, str(SCRIPT), "--scenario", "error", "--strategy", strategy]
+    proc = subprocess.run(
+        [*cmd, "--out", str(tmp_path)], capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "skipped the measurement at step 2" in proc.stderr
+    assert "rank 1: ValueError: a loss that cannot be evaluated on rank 1" in proc.stderr
+    (path,) = tmp_path.glob("csv/version_*/metrics.csv")
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    measured = sorted(int(r["step"]) for r in rows if r.get("eos/sharpness"))
+    skipped = {
+        int(r["step"]): float(r["eos/skipped_measurements"])
+        for r in rows
+        if r.get("eos/skipped_measurements")
+    }
+    assert measured == [0, 4, 6]
+    assert skipped == {0: 0.0, 2: 1.0, 4: 1.0, 6: 1.0}
 
 
 def test_a_setup_error_on_one_rank_stops_every_rank(tmp_path):

@@ -187,9 +187,12 @@ def run_config(trainer: Trainer) -> dict[str, Any]:
     and a threshold nobody knows yet is left out.
     """
     eos: dict[str, Any] = {}
+    monitors = _monitors(trainer)
+    if monitors and monitors[0].run_id:  # the id eos_history.csv rows carry
+        eos["run_id"] = monitors[0].run_id
     if len(trainer.optimizers) == 1:
         eos.update(optimizer_config(trainer.optimizers[0]))
-    for monitor in _monitors(trainer):
+    for monitor in monitors:
         for name, value in monitor._config_thresholds(trainer).items():
             eos.setdefault(name, value)
     return {"eos": eos}

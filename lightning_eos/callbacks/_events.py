@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.loggers import WandbLogger
 
+from lightning_eos.callbacks._history_file import log_eos_metrics
+
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
 
@@ -56,12 +58,13 @@ def log_event(
 ) -> None:
     """Log ``metrics`` at ``step`` through every logger; W&B also gets ``rows`` as a table.
 
-    The table holds every event so far (W&B keeps its latest version). Only rank zero logs.
+    The scalars also go to ``eos_history.csv`` (:func:`log_eos_metrics`). The table holds
+    every event so far (W&B keeps its latest version). Only rank zero logs.
     """
     if not trainer.is_global_zero:
         return
+    log_eos_metrics(trainer, step, metrics)
     for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=step)
         if isinstance(logger, WandbLogger) and rows:
             columns = list(rows[0])
             data = [[row[c] for c in columns] for row in rows]

@@ -143,7 +143,7 @@ class CatapultDetector(Callback):
         self._calm: list[Any] | None = None  # inside a spike: [step, loss, count] back down
         self._pending: list[dict[str, Any]] = []  # ended spikes waiting for a measurement
         self._step_loss: list[float] = []  # [step, sum, count] of the step being accumulated
-        self._read = 0  # monitor history entries consumed (loss="measurement")
+        self._read_step: int | None = None  # last monitor step consumed (loss="measurement")
         self._last_after: int | None = None  # the measurement after the last finalized spike
         self._batch_step = 0
         self._monitor: Any = None
@@ -219,11 +219,13 @@ class CatapultDetector(Callback):
         self._step_loss[2] += 1
 
     def _read_measured_losses(self) -> None:
-        history = self._monitor.history
-        for entry in history[self._read :]:
+        for entry in self._monitor.history:
+            step = int(entry["step"])
+            if self._read_step is not None and step <= self._read_step:
+                continue  # by step, not by index: a resumed monitor keeps only its tail
             if "eos/loss" in entry:
-                self._observe(int(entry["step"]), float(entry["eos/loss"]))
-        self._read = len(history)
+                self._observe(step, float(entry["eos/loss"]))
+            self._read_step = step
 
     # --- the spike state machine (pure: losses and the monitor's history in, events out) --
 
@@ -334,7 +336,7 @@ class CatapultDetector(Callback):
             "calm": self._calm,
             "pending": list(self._pending),
             "step_loss": list(self._step_loss),
-            "read": self._read,
+            "read_step": self._read_step,
             "last_after": self._last_after,
         }
 
@@ -345,4 +347,5 @@ class CatapultDetector(Callback):
         self._start, self._pending = state_dict.get("start"), list(state_dict.get("pending", []))
         self._calm = state_dict.get("calm")
         self._step_loss = list(state_dict.get("step_loss", []))
-        self._read, self._last_after = state_dict.get("read", 0), state_dict.get("last_after")
+        self._read_step = state_dict.get("read_step")
+        self._last_after = state_dict.get("last_after")

@@ -11,6 +11,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 from typing_extensions import override
 
+from lightning_eos.callbacks._arguments import check_int
+from lightning_eos.callbacks._faults import OnError
 from lightning_eos.callbacks._measurement_set import LossFnType, metric_states_restored
 from lightning_eos.callbacks.sharpness import SharpnessMonitor
 from lightning_eos.curvature import (
@@ -24,7 +26,11 @@ from lightning_eos.curvature import (
     has_batchnorm,
     interaction_aware_sharpness,
 )
-from lightning_eos.thresholds import UnsupportedOptimizerError, sgd_ias_threshold
+from lightning_eos.thresholds import (
+    UndefinedThresholdError,
+    UnsupportedOptimizerError,
+    sgd_ias_threshold,
+)
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
@@ -179,12 +185,13 @@ class IASMonitor(SharpnessMonitor):
         threshold: Literal["auto"] | None = "auto",
         mode: MeasurementMode = "train",
         tol: float = 1e-3,
-        stop_rule: StopRule = "gap",
+        stop_rule: StopRule = "residual",
         max_iter: int = 100,
         hvp_method: HVPMethod = "double_backward",
         measure_at_start: bool = True,
         seed: int = 0,
         progress_bar: bool = True,
+        on_error: OnError = "skip",
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -202,16 +209,15 @@ class IASMonitor(SharpnessMonitor):
             measure_at_start=measure_at_start,
             seed=seed,
             progress_bar=progress_bar,
+            on_error=on_error,
         )
         if threshold not in ("auto", None):
             raise ValueError(f"threshold={threshold!r}; use 'auto' or None.")
-        for name, value in (("batch_size", batch_size), ("population", population)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name}={value} must be positive.")
-        if samples is not None and samples < 2:
-            raise ValueError(f"samples={samples} must be at least 2 (or None for all).")
-        if loss_change_samples < 1 or per_sample_chunk < 1:
-            raise ValueError("loss_change_samples and per_sample_chunk must be positive.")
+        check_int("batch_size", batch_size, optional=True)
+        check_int("population", population, optional=True)
+        check_int("samples", samples, minimum=2, optional=True)
+        check_int("loss_change_samples", loss_change_samples)
+        check_int("per_sample_chunk", per_sample_chunk)
         self.batch_size, self.replacement, self.population = batch_size, replacement, population
         self.samples, self.sharpness, self.loss_change = samples, sharpness, loss_change
         self.loss_change_samples, self.per_sample_chunk = loss_change_samples, per_sample_chunk
@@ -251,10 +257,13 @@ class IASMonitor(SharpnessMonitor):
                 raise ValueError(
                     f"IASMonitor needs exactly one optimizer, found {len(trainer.optimizers)}."
                 )
-            self._lr(trainer)
         if self.threshold == "auto":
-            sgd_ias_threshold(trainer.optimizers[0], rho_b=1.0)  # a clear error if unknown
+            try:
+                sgd_ias_threshold(trainer.optimizers[0], rho_b=1.0)  # a clear error if unknown
+            except UndefinedThresholdError:
+                pass  # a learning rate of 0 for now: the IAS is logged without its edge
         if self.loss_change:
+            self._lr(trainer)
             optimizer = trainer.optimizers[0]
             plain = type(optimizer) is torch.optim.SGD and not any(
                 g.get("momentum", 0) or g.get("weight_decay", 0) for g in optimizer.param_groups
@@ -288,6 +297,13 @@ class IASMonitor(SharpnessMonitor):
             population = self.population or n
             if population is None:
                 raise ValueError("IASMonitor cannot tell the training set size; pass `population`.")
+            if how != "other" and n is not None and population < n:
+                raise ValueError(
+                    f"IASMonitor(population={population}) is smaller than the training set "
+                    f"({n} samples) that the loader's {how} sampler draws from; the IAS edge "
+                    "2 rho_b / eta needs the size of the set batches are drawn from. Leave "
+                    "population=None, or draw from a subset with a sampler of that size."
+                )
             b = self.batch_size
             if b is None and _full_batch(trainer):
                 b = population  # every step accumulates all chunks of the training set
@@ -368,9 +384,12 @@ class IASMonitor(SharpnessMonitor):
         if result.hs1_samples:  # full-batch GD does not look at per-sample gradients
             extras.update({"eos/rho": result.rho, "eos/trace_S_1": result.trace_S_1})
         if self.threshold == "auto":
-            edge = sgd_ias_threshold(trainer.optimizers[0], result.rho_b)
-            extras["eos/ias_threshold"] = edge
-            extras["eos/ias_ratio"] = result.ias / edge
+            optimizer = trainer.optimizers[0]
+            edge = self._auto_threshold(trainer, sgd_ias_threshold, optimizer, result.rho_b)
+            if edge is not None:
+                extras["eos/ias_threshold"] = edge
+                if edge > 0:
+                    extras["eos/ias_ratio"] = result.ias / edge
         if self.loss_change:
             lr = self._lr(trainer)
             on_the_set = replace(result, population=hessian.num_samples)  # batches drawn here

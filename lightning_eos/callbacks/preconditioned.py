@@ -9,6 +9,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from lightning_eos.callbacks._faults import OnError
 from lightning_eos.callbacks._measurement_set import LossFnType
 from lightning_eos.callbacks.sharpness import SharpnessMonitor
 from lightning_eos.curvature import (
@@ -16,6 +17,7 @@ from lightning_eos.curvature import (
     HVPMethod,
     LanczosResult,
     MeasurementMode,
+    NonFiniteCurvatureError,
     PreconditionedOperator,
     StopRule,
 )
@@ -47,7 +49,9 @@ class PreconditionedSharpnessMonitor(SharpnessMonitor):
     ``eos/preconditioned_eig_2`` ..         :math:`\\lambda_2(P^{-1}H), \\dots`
     ``eos/preconditioned_threshold``        the live optimizer's threshold on it
     ``eos/preconditioned_sharpness_ratio``  :math:`\\lambda_1(P^{-1}H)` / threshold
+    ``eos/preconditioned_sharpness_error``  its rigorous error bar (Ritz residual)
     ``eos/sharpness``, ``eos/eig_2`` ..     :math:`\\lambda_i(H)`, with ``raw_sharpness=True``
+                                            (and ``eos/sharpness_error``)
     ``eos/lanczos_iters``                   Hessian-vector products of both eigensolves
     ======================================  ====================================================
 
@@ -62,6 +66,8 @@ class PreconditionedSharpnessMonitor(SharpnessMonitor):
     :math:`P^{-1}(H + wI)`, the Hessian of the objective the optimizer descends.
 
     Before the first step there is no preconditioner; only the raw sharpness is measured.
+    A preconditioner with NaN entries (a NaN gradient reached Adam's second moment) skips
+    the measurement, like a non-finite loss does (see :class:`SharpnessMonitor`).
     Everything else -- measurement set, train/eval mode, warm starts, DDP, the
     non-perturbation guarantee -- is that of :class:`SharpnessMonitor`, whose arguments
     this takes too.
@@ -96,13 +102,14 @@ class PreconditionedSharpnessMonitor(SharpnessMonitor):
         threshold: float | Literal["auto"] | None = "auto",
         mode: MeasurementMode = "train",
         tol: float = 1e-3,
-        stop_rule: StopRule = "gap",
+        stop_rule: StopRule = "residual",
         max_iter: int = 100,
         hvp_method: HVPMethod = "double_backward",
         measure_at_start: bool = True,
         seed: int = 0,
         alignment: bool = False,
         progress_bar: bool = True,
+        on_error: OnError = "skip",
     ) -> None:
         super().__init__(
             every_n_steps=every_n_steps,
@@ -121,6 +128,7 @@ class PreconditionedSharpnessMonitor(SharpnessMonitor):
             seed=seed,
             alignment=alignment,
             progress_bar=progress_bar,
+            on_error=on_error,
         )
         self.raw_sharpness = raw_sharpness
         self._reading_threshold: float | None = None  # of the last measurement's reading
@@ -166,6 +174,11 @@ class PreconditionedSharpnessMonitor(SharpnessMonitor):
             return operators
         self._reading_threshold = reading.threshold
         diagonal, shift = reading.flat(hessian.params)
+        if bool(diagonal.isnan().any()) or bool((diagonal <= 0).any()):
+            raise NonFiniteCurvatureError(
+                f"The preconditioner of {type(self._optimizer(trainer)).__name__} holds NaN "
+                "or non-positive entries (e.g. a NaN gradient reached Adam's exp_avg_sq)."
+            )
         operators["preconditioned"] = PreconditionedOperator(hessian, diagonal, shift)
         return operators
 
@@ -175,16 +188,19 @@ class PreconditionedSharpnessMonitor(SharpnessMonitor):
         if "preconditioned" in results:
             values = results["preconditioned"].eigenvalues.tolist()
             metrics["eos/preconditioned_sharpness"] = values[0]
+            metrics["eos/preconditioned_sharpness_error"] = results["preconditioned"].error_bound
             metrics.update(
                 {f"eos/preconditioned_eig_{i}": v for i, v in enumerate(values[1:], start=2)}
             )
             threshold = self._preconditioned_threshold()
             if threshold is not None:
                 metrics["eos/preconditioned_threshold"] = threshold
-                metrics["eos/preconditioned_sharpness_ratio"] = values[0] / threshold
+                if threshold > 0:
+                    metrics["eos/preconditioned_sharpness_ratio"] = values[0] / threshold
         if "hessian" in results:
             values = results["hessian"].eigenvalues.tolist()
             metrics["eos/sharpness"] = values[0]
+            metrics["eos/sharpness_error"] = results["hessian"].error_bound
             metrics.update({f"eos/eig_{i}": v for i, v in enumerate(values[1:], start=2)})
         return metrics
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
@@ -15,11 +16,14 @@ from lightning.pytorch.strategies import (
     SingleDeviceXLAStrategy,
     XLAStrategy,
 )
-from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_eos.callbacks import _dashboard
+from lightning_eos.callbacks._arguments import check_choice, check_int, check_positive
+from lightning_eos.callbacks._execution import measurement_execution
+from lightning_eos.callbacks._faults import OnError, SkipLog, gather_errors
+from lightning_eos.callbacks._history_file import log_eos_metrics, new_run_id
 from lightning_eos.callbacks._measurement_set import (
     LossFnType,
     measurement_chunks,
@@ -27,6 +31,7 @@ from lightning_eos.callbacks._measurement_set import (
     training_step_sandbox,
 )
 from lightning_eos.curvature import (
+    FailedOnAnotherProcessError,
     HessianOperator,
     HVPMethod,
     LanczosResult,
@@ -40,6 +45,7 @@ from lightning_eos.curvature import (
 )
 from lightning_eos.optim import SAM
 from lightning_eos.thresholds import (
+    UndefinedThresholdError,
     UnsupportedOptimizerError,
     sam_threshold,
     stability_threshold,
@@ -48,6 +54,16 @@ from lightning_eos.thresholds import (
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
 
+
+#: measurements kept in a checkpoint: what resuming (and a catapult spanning the resume)
+#: needs; the full history is in the logs and eos_history.csv
+CHECKPOINT_HISTORY = 32
+
+#: tol is divided by this without a warm start (the first measurement, after unfreezing):
+#: a random start vector may hardly contain the top eigenvector, and the stricter residual
+#: keeps Lanczos going until it shows (benchmarks/lambda1_reliability.py: lambda_2 was
+#: reported in 0.25% of cold starts at tol and 0.04% at tol / 10, for 17% more products)
+COLD_TOL_FACTOR = 10.0
 
 # subclasses of the supported strategies whose parameters are partitioned or on XLA devices
 _SHARDED_OR_XLA = (DeepSpeedStrategy, XLAStrategy, SingleDeviceXLAStrategy)
@@ -83,8 +99,12 @@ class SharpnessMonitor(Callback):
     ``eos/eig_2`` ..          :math:`\\lambda_2(H), \\dots, \\lambda_k(H)`
     ``eos/threshold``         the live optimizer's threshold (e.g. :math:`2/\\eta`)
     ``eos/sharpness_ratio``   :math:`\\lambda_1(H)` / threshold
+    ``eos/sharpness_error``   a rigorous error bar: an eigenvalue of :math:`H` lies
+                              within it of ``eos/sharpness`` (the Ritz residual,
+                              see :func:`~lightning_eos.curvature.lanczos`)
     ``eos/lanczos_iters``     Hessian-vector products spent on the measurement
     ``eos/loss``              the mean loss on the measurement set
+    ``eos/skipped_measurements``  measurements skipped so far (see below)
     ========================  ===================================================
 
     Besides these scalars (see :mod:`lightning_eos.callbacks._dashboard`):
@@ -120,9 +140,17 @@ class SharpnessMonitor(Callback):
     BatchNorm buffers and RNG streams are the same with and without the monitor. It
     runs in float32 with autocast disabled, on the unwrapped LightningModule. In
     ``mode="train"`` BatchNorm uses batch statistics (the training loss) and dropout is
-    off; see :func:`lightning_eos.curvature.measurement_context`. With ``*-true`` half
-    precision the parameters themselves are half precision, and so are the products (a
-    warning says so).
+    off; see :func:`lightning_eos.curvature.measurement_context`. Inputs are converted as
+    Lightning converts training batches; under ``bf16-true``/``16-true`` the weights are
+    measured in float32 (cast and cast back exactly), under ``64-true`` in float64, and a
+    ``torch.compile``'d module runs eagerly (see :mod:`lightning_eos.callbacks._execution`).
+
+    Nothing raised inside a measurement reaches training: the measurement is skipped with
+    one warning per kind of failure, counted in ``eos/skipped_measurements``, and the run
+    goes on (``on_error="raise"`` re-raises, for debugging). Where the threshold is
+    undefined (a learning rate of 0 in a param group, groups with different thresholds)
+    the sharpness is logged without threshold and ratio. When the set of trainable
+    parameters changes (unfreezing), the next measurement starts cold.
 
     Args:
         every_n_steps: measure when ``trainer.global_step`` is a multiple of this.
@@ -139,16 +167,20 @@ class SharpnessMonitor(Callback):
             :func:`~lightning_eos.thresholds.stability_threshold`), a number fixes it,
             ``None`` logs no threshold.
         mode: ``"train"`` or ``"eval"`` module mode during measurements.
-        tol: Lanczos stops when every top-``k`` eigenvalue's error estimate is below
-            ``tol`` relative.
-        stop_rule: ``"gap"`` (sharp estimate) or ``"residual"`` (rigorous bound); see
+        tol: Lanczos stops when every top-``k`` eigenvalue's error is below ``tol``
+            relative: rigorously (the residual, ``eos/sharpness_error`` <= ``tol`` times the
+            sharpness) with the default ``stop_rule``.
+        stop_rule: ``"residual"`` (the rigorous bound) or ``"gap"`` (a sharper estimate, about
+            30% cheaper, that can accept a converged :math:`\\lambda_2`); see
             :func:`~lightning_eos.curvature.lanczos`.
         max_iter: at most this many Hessian-vector products per measurement.
         hvp_method: ``"double_backward"`` or ``"forward_over_reverse"`` (falls back).
         measure_at_start: also measure before the first step.
-        seed: seed of the subset and of Lanczos' random start vector.
+        seed: seed of the subset and of Lanczos' random start vectors.
         alignment: also log the alignment of the top eigenvector with the gradients.
         progress_bar: show the ratio to the threshold in the progress bar.
+        on_error: ``"skip"`` a measurement that fails (warn, count, train on) or
+            ``"raise"`` its error.
 
     Example:
         >>> monitor = SharpnessMonitor(every_n_steps=10, top_k=2)
@@ -170,40 +202,56 @@ class SharpnessMonitor(Callback):
         threshold: float | Literal["auto"] | None = "auto",
         mode: MeasurementMode = "train",
         tol: float = 1e-3,
-        stop_rule: StopRule = "gap",
+        stop_rule: StopRule = "residual",
         max_iter: int = 100,
         hvp_method: HVPMethod = "double_backward",
         measure_at_start: bool = True,
         seed: int = 0,
         alignment: bool = False,
         progress_bar: bool = True,
+        on_error: OnError = "skip",
     ) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps={every_n_steps} must be at least 1.")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k={top_k} must be at least 1.")
-        if num_samples is not None and num_samples < 1:
-            raise ValueError(f"num_samples={num_samples} must be positive or None.")
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size={chunk_size} must be positive or None.")
-        if mode not in ("train", "eval"):
-            raise ValueError(f"mode={mode!r}; choose 'train' or 'eval'.")
-        if stop_rule not in ("gap", "residual"):
-            raise ValueError(f"stop_rule={stop_rule!r}; choose 'gap' or 'residual'.")
-        if not (threshold is None or threshold == "auto" or isinstance(threshold, (int, float))):
-            raise ValueError(f"threshold={threshold!r}; use 'auto', a number or None.")
+        check_int("every_n_steps", every_n_steps)
+        check_int("top_k", top_k, optional=True)
+        check_int("num_samples", num_samples, optional=True)
+        check_int("chunk_size", chunk_size, optional=True)
+        check_int("max_iter", max_iter)
+        check_int("seed", seed, minimum=0)
+        check_positive("tol", tol)
+        check_choice("mode", mode, ("train", "eval"))
+        check_choice("stop_rule", stop_rule, ("gap", "residual"))
+        methods = ("double_backward", "forward_over_reverse", "finite_difference")
+        check_choice("hvp_method", hvp_method, methods)
+        check_choice("on_error", on_error, ("skip", "raise"))
+        if threshold not in ("auto", None):
+            try:
+                check_positive("threshold", threshold)
+            except ValueError:
+                raise ValueError(
+                    f"threshold={threshold!r}; use 'auto', a finite number > 0 or None."
+                ) from None
         self.every_n_steps, self.top_k = every_n_steps, top_k
         self.num_samples, self.chunk_size = num_samples, chunk_size
         self.loss_fn, self.dataloader, self.threshold = loss_fn, dataloader, threshold
         self.mode, self.tol, self.stop_rule, self.max_iter = mode, tol, stop_rule, max_iter
         self.hvp_method, self.measure_at_start, self.seed = hvp_method, measure_at_start, seed
-        self.alignment, self.progress_bar = alignment, progress_bar
+        self.alignment, self.progress_bar, self.on_error = alignment, progress_bar, on_error
         self._k = top_k or 1  # top_k=None: 3 under SAM (paper 003 follows three), else 1
         self._extras: dict[str, float] = {}
+        #: the measurements of this process, oldest first (after a resume: the last
+        #: CHECKPOINT_HISTORY of the checkpoint, then the new ones)
         self.history: list[dict[str, float]] = []
         self._last_step: int | None = None
         self._warm_starts: dict[str, torch.Tensor] = {}  # per operator, for the next Lanczos
+        self._warm_params: list[tuple[str, tuple[int, ...]]] | None = None  # they belong to
         self._chunks: list[Any] | None = None
+        self._skips = SkipLog()
+        self.run_id: str | None = None  # see lightning_eos.callbacks._history_file
+
+    @property
+    def skipped_measurements(self) -> int:
+        """Measurements skipped so far because they failed (``eos/skipped_measurements``)."""
+        return self._skips.count
 
     @property
     @override
@@ -240,14 +288,25 @@ class SharpnessMonitor(Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: L.LightningModule) -> None:
         self._chunks = None  # a new fit may train on new data
-        dtypes = {p.dtype for p in pl_module.parameters() if p.requires_grad}
-        if dtypes - {torch.float32, torch.float64}:
-            rank_zero_warn(
-                f"{type(self).__name__}: the parameters are {sorted(map(str, dtypes))}; "
-                "Hessian-vector products are computed in that precision."
-            )
+        self.run_id = self.run_id or new_run_id()  # a resumed run keeps its checkpoint's
         self._k = self.top_k or (3 if self._sam(trainer) is not None else 1)
+        self._check_trainable(pl_module)
         self._check_optimizer(trainer)
+
+    def _check_trainable(self, pl_module: L.LightningModule) -> None:
+        """Fail at setup if there is nothing to measure, or fewer parameters than ``top_k``."""
+        dim = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        if dim == 0:
+            raise ValueError(
+                f"{type(self).__name__}: every parameter of {type(pl_module).__name__} is "
+                "frozen (requires_grad=False), so the training loss has no Hessian to "
+                "measure. Unfreeze the parameters you train before fit starts."
+            )
+        if self._k > dim:
+            raise ValueError(
+                f"{type(self).__name__}: top_k={self._k} exceeds the {dim} trainable "
+                "parameters (the Hessian's side); lower top_k."
+            )
 
     @staticmethod
     def _sam(trainer: Trainer) -> Any:
@@ -256,17 +315,25 @@ class SharpnessMonitor(Callback):
         return optimizers[0] if len(optimizers) == 1 and isinstance(optimizers[0], SAM) else None
 
     def _check_optimizer(self, trainer: Trainer) -> None:
-        """Fail at setup, with a clear error, if ``threshold="auto"`` cannot be met."""
+        """Fail at setup, with a clear error, if ``threshold="auto"`` cannot be met.
+
+        An unsupported optimizer fails here. A threshold that is only undefined for the
+        current settings (a learning rate of 0 at the start of a warmup, groups with
+        different rates) does not: the sharpness is measured without it.
+        """
         if self.threshold == "auto":
             if len(trainer.optimizers) != 1:
                 raise ValueError(
                     f"threshold='auto' needs exactly one optimizer, found "
                     f"{len(trainer.optimizers)}; pass a number or None."
                 )
-            if self._sam(trainer) is not None:
-                sam_threshold(trainer.optimizers[0], grad_norm=1.0)  # plain SAM over GD only
-            else:
-                stability_threshold(trainer.optimizers[0])  # raises a clear error if unknown
+            try:
+                if self._sam(trainer) is not None:
+                    sam_threshold(trainer.optimizers[0], grad_norm=1.0)  # plain SAM over GD
+                else:
+                    stability_threshold(trainer.optimizers[0])  # a clear error if unknown
+            except UndefinedThresholdError:
+                pass
 
     # --- schedule ---------------------------------------------------------------------
 
@@ -278,6 +345,7 @@ class SharpnessMonitor(Callback):
                 (warm, self._last_step), src=0
             )
         _dashboard.define_eos_metrics(trainer, self._k)  # before the first value is logged
+        self._measurement_set(trainer)  # a loader we cannot measure on fails here, at setup
         if self.measure_at_start:
             self._maybe_measure(trainer, pl_module)
         elif self._last_step is None:
@@ -306,13 +374,38 @@ class SharpnessMonitor(Callback):
         if step % self.every_n_steps or step == self._last_step:
             return  # also skips the extra batches of gradient accumulation
         self._last_step = step
-        metrics = self.measure(trainer, pl_module)
+        metrics = self._measure_or_skip(trainer, pl_module)
         if metrics is None:
             return
         self.history.append({"step": step, **metrics})
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=step)
+        log_eos_metrics(trainer, step, metrics)
+
+    def _measure_or_skip(
+        self, trainer: Trainer, pl_module: L.LightningModule
+    ) -> dict[str, float] | None:
+        """:meth:`measure`, with any failure turned into a skipped, counted measurement.
+
+        Under DDP every rank calls it and learns every rank's error (one collective).
+        """
+        error: Exception | None = None
+        metrics = None
+        try:
+            metrics = self.measure(trainer, pl_module)
+        except Exception as err:  # noqa: BLE001 - a monitor must not stop training
+            error = err
+        errors = gather_errors(trainer, error)
+        if not errors:
+            return None if metrics is None else {**metrics, **self._skip_count()}
+        if self.on_error == "raise":
+            if error is not None:
+                raise error
+            raise FailedOnAnotherProcessError(f"The measurement failed on other ranks: {errors}")
+        self._skips.skip(type(self).__name__, trainer.global_step, errors, error)
+        log_eos_metrics(trainer, trainer.global_step, self._skip_count())
+        return None
+
+    def _skip_count(self) -> dict[str, float]:
+        return {"eos/skipped_measurements": float(self.skipped_measurements)}
 
     # --- measurement ------------------------------------------------------------------
 
@@ -339,7 +432,9 @@ class SharpnessMonitor(Callback):
             if trainer.world_size > 1:  # a rank that failed must not leave the others waiting
                 flag = torch.tensor([float(error is not None)], device=trainer.strategy.root_device)
                 if _all_reduce_sum(flag).item() > 0 and error is None:
-                    raise RuntimeError("Building the measurement set failed on another rank.")
+                    raise FailedOnAnotherProcessError(
+                        "Building the measurement set failed on another rank."
+                    )
             if error is not None:
                 raise error
             self._chunks = chunks
@@ -347,10 +442,35 @@ class SharpnessMonitor(Callback):
 
     def _threshold_now(self, trainer: Trainer) -> float | None:
         if self.threshold == "auto":
-            if "eos/sam_edge" in self._extras:
-                return self._extras["eos/sam_edge"]
-            return stability_threshold(trainer.optimizers[0])
+            if self._threshold_is_sam_edge and self._sam(trainer) is not None:
+                return self._extras.get("eos/sam_edge")  # measured with the gradient norm
+            return self._auto_threshold(trainer, stability_threshold, trainer.optimizers[0])
         return None if self.threshold is None else float(self.threshold)
+
+    def _auto_threshold(self, trainer: Trainer, formula: Any, *args: Any) -> float | None:
+        """``formula(*args)``, or ``None`` (with a warning, once) where it is undefined.
+
+        A learning rate of 0 or param groups with different thresholds leave the threshold
+        undefined; a threshold of 0 or below (weight decay above what the step can take)
+        means the step is unstable at any sharpness. Either way no ratio is logged.
+        """
+        try:
+            threshold = float(formula(*args))
+        except UndefinedThresholdError as err:
+            self._skips.warn_once(
+                "undefined-threshold",
+                f"{type(self).__name__}: no threshold at step {trainer.global_step} ({err}); "
+                "the sharpness is logged without threshold and ratio while this lasts.",
+            )
+            return None
+        if threshold <= 0:
+            self._skips.warn_once(
+                "nonpositive-threshold",
+                f"{type(self).__name__}: the optimizer's threshold is {threshold:.4g} <= 0 at "
+                f"step {trainer.global_step}: its step is unstable at any sharpness (e.g. "
+                "weight decay above 2/lr). No ratio is logged.",
+            )
+        return threshold
 
     def _config_thresholds(self, trainer: Trainer) -> dict[str, float]:
         """The thresholds for the run config: measured now, else known without measuring."""
@@ -369,7 +489,11 @@ class SharpnessMonitor(Callback):
         return {} if threshold is None else {"threshold": threshold}
 
     def _hessian(
-        self, trainer: Trainer, pl_module: L.LightningModule, reuse_graph: bool | None = None
+        self,
+        trainer: Trainer,
+        pl_module: L.LightningModule,
+        prepare: Any,
+        reuse_graph: bool | None = None,
     ) -> HessianOperator:
         return HessianOperator(
             pl_module,
@@ -377,7 +501,7 @@ class SharpnessMonitor(Callback):
             self._measurement_set(trainer),
             method=self.hvp_method,
             reuse_graph=reuse_graph,
-            prepare_chunk=trainer.strategy.batch_to_device,
+            prepare_chunk=prepare,
             seed=self.seed,
             reduce=_all_reduce_sum if trainer.world_size > 1 else None,
         )
@@ -403,7 +527,9 @@ class SharpnessMonitor(Callback):
         norm = float(gradient.norm())
         extras["eos/grad_norm"] = norm
         if sam is not None and self.threshold == "auto" and self._threshold_is_sam_edge:
-            extras["eos/sam_edge"] = sam_threshold(sam, norm)
+            edge = self._auto_threshold(trainer, sam_threshold, sam, norm)
+            if edge is not None:
+                extras["eos/sam_edge"] = edge
         if not self.alignment or "hessian" not in results:
             return extras
         q1 = results["hessian"].eigenvectors[0].to(gradient)
@@ -424,7 +550,7 @@ class SharpnessMonitor(Callback):
             for p, s in zip(hessian.params, unflatten(shift, hessian.params), strict=True):
                 p.add_(s)
         try:
-            return self._hessian(trainer, pl_module, reuse_graph=False).gradient()
+            return self._hessian(trainer, pl_module, hessian._prepare, reuse_graph=False).gradient()
         finally:
             with torch.no_grad():
                 for p, value in zip(hessian.params, saved, strict=True):
@@ -434,59 +560,79 @@ class SharpnessMonitor(Callback):
         """The symmetric operators to measure, by name (subclasses add their own)."""
         return {"hessian": hessian}
 
-    def _spectra(
-        self, trainer: Trainer, pl_module: L.LightningModule
-    ) -> dict[str, LanczosResult] | None:
+    def _spectra(self, trainer: Trainer, pl_module: L.LightningModule) -> dict[str, LanczosResult]:
         """Top eigenpairs of every operator of :meth:`_operators`, on one measurement set."""
         self._measurement_set(trainer)  # built (and any error agreed) before the context
+        self._forget_warm_starts_of_other_parameters(trainer, pl_module)
         distributed = trainer.world_size > 1
+        # fresh random directions at every step, the same on every rank and after a resume
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + trainer.global_step)
         results = {}
-        try:
-            with measurement_context(pl_module, self.mode), training_step_sandbox(pl_module):
-                hessian = self._hessian(trainer, pl_module)
-                for name, operator in self._operators(trainer, hessian).items():
-                    results[name] = lanczos(
-                        operator,
-                        self._k,
-                        init=self._warm_starts.get(name),
-                        tol=self.tol,
-                        max_iter=self.max_iter,
-                        generator=torch.Generator().manual_seed(self.seed),
-                        stop_rule=self.stop_rule,
-                        agree=_rank_zero_value if distributed else None,
-                    )
-                self._extras = self._extra_metrics(trainer, pl_module, hessian, results)
-        except NonFiniteCurvatureError as err:
-            rank_zero_warn(
-                f"{type(self).__name__} skipped the measurement at step "
-                f"{trainer.global_step}: {err}"
-            )
-            return None
+        with (
+            measurement_execution(trainer, pl_module) as prepare,
+            measurement_context(pl_module, self.mode),
+            training_step_sandbox(pl_module),
+        ):
+            hessian = self._hessian(trainer, pl_module, prepare)
+            for name, operator in self._operators(trainer, hessian).items():
+                warm = self._warm_starts.get(name)
+                results[name] = lanczos(
+                    operator,
+                    self._k,
+                    init=warm,
+                    tol=self.tol if warm is not None else self.tol / COLD_TOL_FACTOR,
+                    max_iter=self.max_iter,
+                    generator=generator,
+                    stop_rule=self.stop_rule,
+                    agree=_rank_zero_value if distributed else None,
+                )
+            self._extras = self._extra_metrics(trainer, pl_module, hessian, results)
         for name, result in results.items():
             if not torch.isfinite(result.eigenvalues).all():
-                rank_zero_warn(
-                    f"Non-finite eigenvalue ({name}) at step {trainer.global_step}; the "
-                    "measurement is skipped."
-                )
-                return None
+                raise NonFiniteCurvatureError(f"Lanczos ({name}) found a non-finite eigenvalue.")
             if not result.converged:
-                rank_zero_warn(
-                    f"Lanczos ({name}) did not reach tol={self.tol} in {self.max_iter} products "
-                    f"at step {trainer.global_step}; logging the best estimate."
+                self._skips.warn_once(
+                    f"not-converged:{name}",
+                    f"Lanczos ({name}) did not reach tol={self.tol} in {self.max_iter} "
+                    f"products at step {trainer.global_step}; the best estimate is logged with "
+                    "its error bar (eos/*_error). Raise max_iter for a tighter value.",
                 )
         for name, result in results.items():
             self._warm_starts[name] = result.restart_vectors.detach()
         return results
 
-    def measure(self, trainer: Trainer, pl_module: L.LightningModule) -> dict[str, float] | None:
-        """Measure now and return the metrics (``None`` if the measurement was skipped).
+    def _forget_warm_starts_of_other_parameters(
+        self, trainer: Trainer, pl_module: L.LightningModule
+    ) -> None:
+        """Start Lanczos cold when the trainable parameters are not those of the warm start.
 
-        Under DDP this runs collectives: call it on every rank, never from a
-        rank-zero-only function.
+        Unfreezing a backbone, freezing a layer or resuming into a model with another
+        trainable set changes the space the saved eigenvectors live in.
+        """
+        named = pl_module.named_parameters()
+        trainable = [(name, tuple(p.shape)) for name, p in named if p.requires_grad]
+        dim = sum(math.prod(shape) for _, shape in trainable)
+        known = self._warm_params if self._warm_params is not None else trainable
+        changed = known != trainable or any(v.shape[-1] != dim for v in self._warm_starts.values())
+        if changed and self._warm_starts:
+            self._skips.warn_once(
+                "trainable-changed",
+                f"{type(self).__name__}: the trainable parameters changed before step "
+                f"{trainer.global_step} (e.g. unfreezing); Lanczos starts cold there (said once).",
+            )
+            self._warm_starts = {}
+        self._warm_params = trainable
+
+    def measure(self, trainer: Trainer, pl_module: L.LightningModule) -> dict[str, float] | None:
+        """Measure now and return the metrics (``None``: nothing to measure yet).
+
+        Raises whatever went wrong; the training hooks turn that into a skipped measurement
+        (:meth:`_measure_or_skip`). Under DDP this runs collectives: call it on every rank,
+        never from a rank-zero-only function.
         """
         results = self._spectra(trainer, pl_module)
-        if results is None or (not results and self._needs_spectra):
-            return None  # skipped, or nothing to measure yet (no preconditioner at step 0)
+        if not results and self._needs_spectra:
+            return None  # nothing to measure yet (no preconditioner before the first step)
         metrics = {**self._metrics(trainer, results), **self._extras}
         if results:
             metrics["eos/lanczos_iters"] = float(sum(r.num_iterations for r in results.values()))
@@ -495,8 +641,9 @@ class SharpnessMonitor(Callback):
     def _metrics(self, trainer: Trainer, results: dict[str, LanczosResult]) -> dict[str, float]:
         if "hessian" not in results:
             return {}
-        eigenvalues = results["hessian"].eigenvalues.tolist()
-        metrics = {"eos/sharpness": eigenvalues[0]}
+        hessian = results["hessian"]
+        eigenvalues = hessian.eigenvalues.tolist()
+        metrics = {"eos/sharpness": eigenvalues[0], "eos/sharpness_error": hessian.error_bound}
         metrics.update({f"eos/eig_{i}": v for i, v in enumerate(eigenvalues[1:], start=2)})
         threshold = self._threshold_now(trainer)
         if threshold is not None:
@@ -510,7 +657,14 @@ class SharpnessMonitor(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         warm = {k: v.detach().cpu() for k, v in self._warm_starts.items()}
-        return {"last_step": self._last_step, "warm_starts": warm, "history": list(self.history)}
+        return {
+            "last_step": self._last_step,
+            "warm_starts": warm,
+            "warm_params": self._warm_params,
+            "history": self.history[-CHECKPOINT_HISTORY:],
+            "skipped_measurements": self.skipped_measurements,
+            "run_id": self.run_id,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -518,4 +672,7 @@ class SharpnessMonitor(Callback):
         self._warm_starts = dict(state_dict.get("warm_starts", {}))
         if state_dict.get("warm_start") is not None:  # checkpoints before warm starts by operator
             self._warm_starts.setdefault("hessian", state_dict["warm_start"])
-        self.history = list(state_dict.get("history", []))
+        self._warm_params = state_dict.get("warm_params")
+        self.history = list(state_dict.get("history", []))[-CHECKPOINT_HISTORY:]
+        self._skips.count = int(state_dict.get("skipped_measurements", 0))
+        self.run_id = state_dict.get("run_id") or self.run_id
