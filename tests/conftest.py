@@ -41,6 +41,19 @@ def tiny_cnn() -> nn.Module:
     return nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
 
 
+class DictDataset(torch.utils.data.Dataset):
+    """Samples as dicts ``{x_key: x[i], y_key: y[i]}``, the way many users' datasets yield them."""
+
+    def __init__(self, x: Tensor, y: Tensor, x_key: str = "x", y_key: str = "y") -> None:
+        self.x, self.y, self.keys = x, y, (x_key, y_key)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return dict(zip(self.keys, (self.x[i], self.y[i]), strict=True))
+
+
 def tiny_data(kind: str, loss: str, n: int = 11, seed: int = 0) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 4, generator=g) if kind == "mlp" else torch.randn(n, 1, 6, 6, generator=g)

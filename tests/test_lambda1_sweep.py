@@ -17,7 +17,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import dense_hessian, quiet_trainer
+from conftest import DictDataset, dense_hessian, quiet_trainer
 from torch import nn
 
 from lightning_eos.callbacks import PreconditionedSharpnessMonitor, SharpnessMonitor
@@ -26,19 +26,6 @@ from lightning_eos.optim import read_preconditioner
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOL = 1e-3  # SharpnessMonitor's default
-
-
-class DictDataset(torch.utils.data.Dataset):
-    """Samples as dicts, the way many users' datasets yield them."""
-
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return {"features": self.x[i], "target": self.y[i]}
 
 
 class Regressor(L.LightningModule):
@@ -118,7 +105,8 @@ def _sweep(case, seed, adam_lr=None, **monitor_args):
     else:
         monitor = PreconditionedSharpnessMonitor(every_n_steps=5, raw_sharpness=False)
     reference = DenseReference(x, y, every=5)
-    loader = torch.utils.data.DataLoader(DictDataset(x, y), batch_size=batch, shuffle=True)
+    dataset = DictDataset(x, y, "features", "target")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True)
     model = Regressor(inputs, hidden, outputs, loss, adam_lr or lr, adam=adam_lr is not None)
     quiet_trainer(callbacks=[monitor, reference], max_steps=steps).fit(model, loader)
     return [(h, reference.spectra[h["step"]]) for h in monitor.history]

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import dense_hessian, quiet_trainer
+from conftest import DictDataset, dense_hessian, quiet_trainer
 from lightning.pytorch.callbacks import BackboneFinetuning, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
@@ -36,17 +36,6 @@ N, BATCH = 48, 16
 def _data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(N, 8, generator=g), torch.randint(0, 3, (N,), generator=g)
-
-
-class DictDataset(torch.utils.data.Dataset):
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return {"x": self.x[i], "y": self.y[i]}
 
 
 def _loader(shuffle: bool = True) -> torch.utils.data.DataLoader:
