@@ -172,6 +172,15 @@ def _monitors(trainer: Trainer) -> list[SharpnessMonitor]:
     return [c for c in trainer.callbacks if isinstance(c, SharpnessMonitor)]
 
 
+def run_id(trainer: Trainer) -> str | None:
+    """The trainer's run id: that of its first monitor (``None`` without monitors).
+
+    Each monitor keeps its id in its checkpoint state, so a resumed run keeps it.
+    """
+    monitors = _monitors(trainer)
+    return monitors[0].run_id if monitors else None
+
+
 def _is_last_monitor(trainer: Trainer, monitor: SharpnessMonitor) -> bool:
     """Whether ``monitor`` is the trainer's last monitor: it speaks for all of them, once."""
     monitors = _monitors(trainer)
@@ -187,12 +196,11 @@ def run_config(trainer: Trainer) -> dict[str, Any]:
     and a threshold nobody knows yet is left out.
     """
     eos: dict[str, Any] = {}
-    monitors = _monitors(trainer)
-    if monitors and monitors[0].run_id:  # the id eos_history.csv rows carry
-        eos["run_id"] = monitors[0].run_id
+    if run := run_id(trainer):  # the id eos_history.csv rows carry
+        eos["run_id"] = run
     if len(trainer.optimizers) == 1:
         eos.update(optimizer_config(trainer.optimizers[0]))
-    for monitor in monitors:
+    for monitor in _monitors(trainer):
         for name, value in monitor._config_thresholds(trainer).items():
             eos.setdefault(name, value)
     return {"eos": eos}

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_eos._eos_history import HISTORY_COLUMNS, HISTORY_FILE
-from lightning_eos.callbacks._dashboard import _monitors, _warn_on_failure
+from lightning_eos.callbacks._dashboard import _warn_on_failure, run_id
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
@@ -41,12 +41,6 @@ if TYPE_CHECKING:
 def new_run_id() -> str:
     """A fresh run id (from the OS's entropy: the training RNGs are not touched)."""
     return uuid.uuid4().hex[:12]
-
-
-def run_id(trainer: Trainer) -> str | None:
-    """The run id of the trainer: that of its first monitor (``None`` without monitors)."""
-    monitors = _monitors(trainer)
-    return monitors[0].run_id if monitors else None
 
 
 def append_history(path: Path, run: str | None, step: int, metrics: Mapping[str, float]) -> None:
