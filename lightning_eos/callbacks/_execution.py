@@ -38,12 +38,6 @@ if TYPE_CHECKING:
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def has_half_weights(module: nn.Module) -> bool:
-    """Whether any parameter or floating buffer of ``module`` is float16 or bfloat16."""
-    tensors = [*module.parameters(), *module.buffers()]
-    return any(t.dtype in _HALF for t in tensors)
-
-
 @contextmanager
 def float32_weights(module: nn.Module) -> Iterator[bool]:
     """Cast float16/bfloat16 parameters and buffers to float32, and back on exit (exactly).
