@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
@@ -170,7 +169,11 @@ class PreconditionedSharpnessMonitor(SharpnessMonitor):
         except (PreconditionerNotReadyError, UnsupportedOptimizerError) as err:
             # nothing to read yet, or a state the registry cannot fold (training goes on)
             if trainer.global_step > 0:
-                rank_zero_warn(f"No preconditioned sharpness at step {trainer.global_step}: {err}")
+                self._skips.warn_once(
+                    f"no-preconditioner:{type(err).__name__}",
+                    f"No preconditioned sharpness at step {trainer.global_step}: {err} (said "
+                    "once; the raw sharpness is still measured).",
+                )
             return operators
         self._reading_threshold = reading.threshold
         diagonal, shift = reading.flat(hessian.params)
