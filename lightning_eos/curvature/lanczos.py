@@ -32,7 +32,7 @@ On small networks whose top two eigenvalues lie 1-10% apart
 (``benchmarks/lambda1_reliability.py``, against dense ``eigvalsh``), ``"gap"`` reported
 :math:`\\lambda_2` in 2.1% of 240 warm-started and 5.5% of 2,400 cold measurements;
 ``"residual"`` in none of the warm ones and 0.25% of the cold ones (0.04% at ``tol / 10``),
-for about 40% more products.
+for 25-45% more products.
 
 No Krylov method can certify that nothing lies above :math:`\\theta_1` without looking at
 the whole space; the residual rule makes missing it rare, and the error bound says how far
