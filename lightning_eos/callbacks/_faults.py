@@ -86,11 +86,12 @@ class SkipLog:
             if len(errors) > 1 or 0 not in errors
             else errors[0]
         )
-        hint = next((h for kind, h in _HINTS.items() if isinstance(error, kind)), "")
-        self.warn_once(
-            "skip:" + ",".join(kinds),
-            f"{owner} skipped the measurement at step {step} ({where}). {hint} Training goes "
-            "on; skipped measurements are counted in eos/skipped_measurements, and later "
-            "ones for the same reason without a warning. Pass on_error='raise' to stop "
-            "at the error with its traceback.".replace("  ", " "),
-        )
+        hint = next((h for kind, h in _HINTS.items() if isinstance(error, kind)), None)
+        parts = [
+            f"{owner} skipped the measurement at step {step} ({where}).",
+            hint,
+            "Training goes on; skipped measurements are counted in eos/skipped_measurements, "
+            "and later ones for the same reason without a warning. Pass on_error='raise' to "
+            "stop at the error with its traceback.",
+        ]
+        self.warn_once("skip:" + ",".join(kinds), " ".join(p for p in parts if p))

@@ -56,12 +56,12 @@ def append_history(path: Path, run: str | None, step: int, metrics: Mapping[str,
     if size == 0:
         writer.writerow(HISTORY_COLUMNS)
     writer.writerows((run or "", step, key, repr(float(value))) for key, value in metrics.items())
+    lead = ""
     with path.open("ab+") as file:
         if size:
             file.seek(-1, io.SEEK_END)
-            if file.read(1) != b"\n":
-                text = io.StringIO("\n" + text.getvalue())
-        file.write(text.getvalue().encode("utf-8"))
+            lead = "" if file.read(1) == b"\n" else "\n"  # after a row cut short by a kill
+        file.write((lead + text.getvalue()).encode("utf-8"))
 
 
 def log_eos_metrics(trainer: Trainer, step: int, metrics: Mapping[str, float]) -> None:
